@@ -1,0 +1,392 @@
+"""Pure tensor math of AdaFisher: per-layer statistics, folding, Fisher assembly, the update.
+
+Nothing here installs hooks, talks to other processes or knows about Lightning; every function
+takes tensors and returns tensors. The numerics are those of ``SPEC.md`` §2–4.
+
+Shape conventions
+-----------------
+* ``x``: a module's forward input. Linear: ``[..., d_in]``; Conv2d: ``[B, C_in, H, W]``;
+  norms: ``[B, C, ...]`` (BatchNorm) or ``[B, ..., D]`` (LayerNorm).
+* ``g``: the gradient of the loss w.r.t. the module's output, same layout as the output.
+* Raw statistics come back as ``(total, count)`` pairs: the statistic of a call is
+  ``total / count``. Keeping the pair lets several calls (a module used twice in one forward,
+  several micro-batches, several ranks) be pooled exactly by adding totals and counts.
+* Factor vectors ``H`` (input side) and ``S`` (output side) are 1-D. For a weight of shape
+  ``[out, in...]`` the Fisher diagonal is ``F[o, i] = S'[o]·H'[i] + λ`` with ``i`` the flattened
+  trailing dims in the weight's memory order; a bias uses ``H'[-1]``. Norm layers have a
+  two-entry ``H``: ``[weight entry, bias entry]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "stats_dtype",
+    "linear_input_stats",
+    "linear_output_stats",
+    "conv2d_padding",
+    "conv2d_input_stats",
+    "conv2d_output_stats",
+    "batchnorm_input_stats",
+    "batchnorm_output_stats",
+    "layernorm_input_stats",
+    "layernorm_output_stats",
+    "min_max",
+    "flush_subnormal_",
+    "statistics_ok",
+    "fold_paper",
+    "fold_reference",
+    "kron_denominator",
+    "norm_denominator",
+    "adafisher_update",
+]
+
+REFERENCE_MM_EPS = 1e-6
+"""The ``ε`` of the released code's min-max normalisation (reference variant only)."""
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in at least float32 (bf16/fp16 activations under AMP)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _as_stats(t: Tensor) -> Tensor:
+    return t.to(stats_dtype(t.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Linear
+# --------------------------------------------------------------------------------------------
+
+
+def linear_input_stats(x: Tensor, bias: bool) -> tuple[Tensor, float]:
+    """Sum over rows of ``x̄²`` (``x`` flattened to ``[N, d_in]``, ones column if ``bias``)."""
+    rows = _as_stats(x).reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    # x.square().sum(0) is far faster on CPU than einsum or vector_norm (SPEC §7).
+    total = rows.square().sum(0)
+    if bias:
+        total = torch.cat((total, total.new_full((1,), float(n))))
+    return total, float(n)
+
+
+def linear_output_stats(g: Tensor) -> tuple[Tensor, float]:
+    """Sum over rows of ``G²`` with ``G`` flattened to ``[N, d_out]``."""
+    rows = _as_stats(g).reshape(-1, g.shape[-1])
+    return rows.square().sum(0), float(rows.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Conv2d
+# --------------------------------------------------------------------------------------------
+
+
+def conv2d_padding(
+    padding: str | Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]
+) -> tuple[int, int, int, int]:
+    """Padding as ``(left, right, top, bottom)`` for ``F.pad``, resolving ``'same'``/``'valid'``."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            pads: list[int] = []
+            for k, d in zip(reversed(tuple(kernel_size)), reversed(tuple(dilation))):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return (pads[0], pads[1], pads[2], pads[3])
+        raise ValueError(f"Invalid conv padding: {padding!r}")
+    ph, pw = padding
+    return (pw, pw, ph, ph)
+
+
+def conv2d_input_stats(
+    x: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    padding: tuple[int, int, int, int],
+    padding_mode: str,
+    groups: int,
+    bias: bool,
+    reference_normaliser: bool = False,
+) -> tuple[Tensor, float]:
+    """Diagonal of the im2col second moment, without building im2col (SPEC §3, §7).
+
+    ``h[c, i, j] = Σ_b Σ_positions x_pad[b, c, p_h·s_h + i·d_h, p_w·s_w + j·d_w]²``: square and
+    sum the input over the batch (and over groups, whose patches are stacked as rows), pad with
+    the layer's own padding mode (padding is an index mapping, so it commutes with squaring and
+    summing), then take one strided window sum per kernel offset. The window sums are a
+    convolution of the summed ``x²`` with a ones kernel of the output's size, with the layer's
+    dilation as stride and its stride as dilation.
+
+    Returns the total over rows (ones column last if ``bias``) and the count: the number of rows
+    ``B·L·groups``, or with ``reference_normaliser`` the released code's ``B·L·(C_in/groups)·kh·kw``.
+    """
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    b, c_in, _, _ = x.shape
+    c_group = c_in // groups
+    kh, kw = kernel_size
+    (sh, sw), (dh, dw) = stride, dilation
+    xs = _as_stats(x).square().sum(0)
+    if groups > 1:
+        xs = xs.view(groups, c_group, *xs.shape[1:]).sum(0)
+    if any(padding):
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        xs = F.pad(xs, padding, mode=mode)
+    hp, wp = xs.shape[-2:]
+    lh = (hp - dh * (kh - 1) - 1) // sh + 1
+    lw = (wp - dw * (kw - 1) - 1) // sw + 1
+    ones = xs.new_ones((1, 1, lh, lw))
+    windows = F.conv2d(xs.unsqueeze(1), ones, stride=(dh, dw), dilation=(sh, sw))
+    total = windows[:, 0, :kh, :kw].reshape(-1)
+    rows = b * lh * lw * groups
+    if bias:
+        total = torch.cat((total, total.new_full((1,), float(rows))))
+    count = float(b * lh * lw * c_group * kh * kw) if reference_normaliser else float(rows)
+    return total, count
+
+
+def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:
+    """Sum over (batch, output positions) of ``G²`` per output channel."""
+    if g.dim() == 3:
+        g = g.unsqueeze(0)
+    g = _as_stats(g)
+    return g.square().sum((0, 2, 3)), float(g.shape[0] * g.shape[2] * g.shape[3])
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation layers (Proposition 3.1 of the paper, as fixed by SPEC §3)
+# --------------------------------------------------------------------------------------------
+
+
+def batchnorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
+    """``a_c = Σ_{b,spatial} x / (spatial size)²``; ``h = [Σ_c a_c², C] / B²`` (count 1)."""
+    x = _as_stats(x)
+    b, c = x.shape[0], x.shape[1]
+    spatial = x[0, 0].numel()
+    dims = [0] + list(range(2, x.dim()))
+    a = x.sum(dims) / float(spatial) ** 2
+    h = torch.stack((a.square().sum(), a.new_tensor(float(c)))) / float(b) ** 2
+    return h, 1.0
+
+
+def batchnorm_output_stats(g: Tensor) -> tuple[Tensor, float]:
+    """``s_c = (Σ_{b,spatial} G)² / B`` (count 1)."""
+    g = _as_stats(g)
+    dims = [0] + list(range(2, g.dim()))
+    return g.sum(dims).square() / float(g.shape[0]), 1.0
+
+
+def layernorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
+    """``a = Σ_{all dims but 1} x / D²`` (D: product of the summed non-batch dims);
+    ``h = [Σ a², len(a)] / B²`` (count 1)."""
+    x = _as_stats(x)
+    if x.dim() < 2:
+        x = x.unsqueeze(0)
+    b = x.shape[0]
+    other = [d for d in range(x.dim()) if d != 1]
+    d_norm = math.prod(x.shape[d] for d in other if d != 0)
+    a = x.sum(other) / float(d_norm) ** 2
+    h = torch.stack((a.square().sum(), a.new_tensor(float(a.numel())))) / float(b) ** 2
+    return h, 1.0
+
+
+def layernorm_output_stats(g: Tensor) -> tuple[Tensor, float]:
+    """``s = (Σ_{all dims but the last} G)² / B`` (count 1)."""
+    g = _as_stats(g)
+    if g.dim() < 2:
+        g = g.unsqueeze(0)
+    return g.reshape(-1, g.shape[-1]).sum(0).square() / float(g.shape[0]), 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Folding statistics into factors (SPEC §4)
+# --------------------------------------------------------------------------------------------
+
+
+def min_max(v: Tensor) -> Tensor:
+    """``(v − min v) / (max v − min v)``, all ones where ``max v == min v`` (paper variant)."""
+    lo, hi = torch.aminmax(v)
+    span = hi - lo
+    return torch.where(span > 0, (v - lo) / torch.where(span > 0, span, 1.0), 1.0)
+
+
+def flush_subnormal_(v: Tensor) -> Tensor:
+    """Set non-negative values below the dtype's smallest normal number to zero, in place.
+
+    Factor entries that see no signal decay geometrically (``γ`` or ``0.1γ`` per statistics
+    step) into the subnormal range, where every later multiply is ~50× slower on CPU (SPEC §4).
+    """
+    return v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
+
+
+def statistics_ok(variant: str, *stats: Tensor) -> Tensor:
+    """Whether a layer's statistics may be folded (0-dim bool tensor, decided on device).
+
+    Paper variant: every entry finite. Reference variant: no NaN (it maps ±inf itself).
+    """
+    if variant == "paper":
+        flags = [torch.isfinite(s).all() for s in stats]
+    else:
+        flags = [~torch.isnan(s).any() for s in stats]
+    ok = flags[0]
+    for f in flags[1:]:
+        ok = ok & f
+    return ok
+
+
+def fold_paper(factor: Tensor | None, stat: Tensor, gamma: float, ok: Tensor) -> Tensor:
+    """Paper variant (Eq. 3): ``F ← γ·F + (1−γ)·stat``; the first statistics step takes ``stat``.
+
+    Where ``ok`` is False the factor is returned unchanged (all ones if there was none yet).
+    """
+    if factor is None:
+        new = torch.where(ok, stat, 1.0)
+    else:
+        new = torch.where(ok, factor * gamma + stat * (1.0 - gamma), factor)
+    return flush_subnormal_(new)
+
+
+def fold_reference(factor: Tensor | None, stat: Tensor, gamma: float, ok: Tensor) -> Tensor:
+    """Reference variant: ``F ← 0.1γ·F + 0.01γ·mm_ε(stat)``, starting from all ones.
+
+    ``+inf → 1`` and ``−inf → 0`` before normalising, as in the released code. Where ``ok`` is
+    False (a NaN) the factor is returned unchanged.
+    """
+    if factor is None:
+        factor = torch.ones_like(stat)
+    v = torch.nan_to_num(stat, nan=0.0, posinf=1.0, neginf=0.0)
+    lo, hi = torch.aminmax(v)
+    normalised = (v - lo) / (hi - lo + REFERENCE_MM_EPS)
+    new = torch.where(ok, factor * (0.1 * gamma) + normalised * (0.01 * gamma), factor)
+    return flush_subnormal_(new)
+
+
+# --------------------------------------------------------------------------------------------
+# Fisher assembly
+# --------------------------------------------------------------------------------------------
+
+
+def kron_denominator(
+    s_norm: Tensor, h_norm: Tensor, damping: float, shape: torch.Size, bias: bool
+) -> Tensor:
+    """``S'[o]·H'[i] + λ`` for a weight of ``shape`` (``bias=False``) or a bias (``bias=True``).
+
+    Built by broadcasting into a temporary of the parameter's size, never as a Kronecker matrix.
+    """
+    if bias:
+        return torch.add(s_norm * h_norm[-1], damping).view(shape)
+    cols = math.prod(shape[1:])
+    dense = torch.addr(s_norm.new_tensor(damping), s_norm, h_norm[:cols])
+    return dense.view(shape)
+
+
+def norm_denominator(
+    s_norm: Tensor, h_norm: Tensor, damping: float, shape: torch.Size, bias: bool
+) -> Tensor:
+    """Norm layers: weight ``S'·H'[0] + λ``, bias ``S'·H'[1] + λ`` (``S'`` on the last dim)."""
+    entry = h_norm[1] if bias else h_norm[0]
+    return torch.add(s_norm * entry, damping).expand(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The update (SPEC §2)
+# --------------------------------------------------------------------------------------------
+
+
+def adafisher_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    denominators: list[Tensor | float],
+    steps: list[int],
+    *,
+    lr: float,
+    beta: float,
+    weight_decay: float,
+    decoupled: bool,
+    foreach: bool,
+) -> None:
+    """Apply one AdaFisher(W) update in place.
+
+    ``denominators[i]`` is the parameter's Fisher diagonal ``F`` (a tensor) or a float for the
+    identity fallback. ``steps[i]`` is the parameter's own update count including this one.
+    """
+    if not params:
+        return
+    if foreach:
+        _multi_tensor_update(
+            params, grads, exp_avgs, denominators, steps,
+            lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled,
+        )
+    else:
+        _single_tensor_update(
+            params, grads, exp_avgs, denominators, steps,
+            lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled,
+        )
+
+
+def _single_tensor_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    denominators: list[Tensor | float],
+    steps: list[int],
+    *,
+    lr: float,
+    beta: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None:
+    for p, g, m, denom, t in zip(params, grads, exp_avgs, denominators, steps):
+        if weight_decay != 0.0 and not decoupled:
+            g = g.add(p, alpha=weight_decay)
+        m.lerp_(g, 1.0 - beta)
+        step_size = lr / (1.0 - beta**t)
+        if weight_decay != 0.0 and decoupled:
+            p.mul_(1.0 - lr * weight_decay)
+        if isinstance(denom, Tensor):
+            p.addcdiv_(m, denom, value=-step_size)
+        else:
+            p.add_(m, alpha=-step_size / denom)
+
+
+def _multi_tensor_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    denominators: list[Tensor | float],
+    steps: list[int],
+    *,
+    lr: float,
+    beta: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None:
+    if weight_decay != 0.0 and not decoupled:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)
+    if weight_decay != 0.0 and decoupled:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    kron = [i for i, d in enumerate(denominators) if isinstance(d, Tensor)]
+    ident = [i for i, d in enumerate(denominators) if not isinstance(d, Tensor)]
+    if kron:
+        torch._foreach_addcdiv_(
+            [params[i] for i in kron],
+            [exp_avgs[i] for i in kron],
+            [denominators[i] for i in kron],  # type: ignore[misc]
+            [-lr / (1.0 - beta ** steps[i]) for i in kron],
+        )
+    if ident:
+        scaled = torch._foreach_mul(
+            [exp_avgs[i] for i in ident],
+            [-lr / (1.0 - beta ** steps[i]) / denominators[i] for i in ident],  # type: ignore[operator]
+        )
+        torch._foreach_add_([params[i] for i in ident], scaled)

@@ -1,0 +1,173 @@
+"""One small helper per supported module type, and the registry that finds them.
+
+A :class:`LayerHelper` tells AdaFisher four things about a module type: which of its parameters
+get Kronecker factors, how long the factors are, how to turn the module's input ``x`` and output
+gradient ``G`` into raw statistics, and how to read a parameter's Fisher diagonal off the
+normalised factors. The registry is an ``isinstance`` lookup (subclasses such as
+``NonDynamicallyQuantizableLinear`` are found through their base); the most recently registered
+matching type wins, so users can override the built-ins or add their own::
+
+    from lightning_adafisher import LayerHelper, register_layer_helper
+
+    class MyLinearHelper(LayerHelper): ...
+    register_layer_helper(MyLinear, MyLinearHelper())
+
+Modules with no helper keep the identity preconditioner (see :mod:`lightning_adafisher.optim`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_adafisher import functional as fn
+
+__all__ = [
+    "LayerHelper",
+    "LinearHelper",
+    "Conv2dHelper",
+    "BatchNormHelper",
+    "LayerNormHelper",
+    "register_layer_helper",
+    "layer_helper_for",
+]
+
+
+class LayerHelper:
+    """How AdaFisher reads one module type. Subclass and register for custom layers.
+
+    ``variant`` arguments are ``"paper"`` or ``"reference"``; statistics are returned as
+    ``(total, count)`` pairs (see :mod:`lightning_adafisher.functional`).
+    """
+
+    roles: tuple[str, ...] = ("weight", "bias")
+    """Attribute names of the module's parameters that get factors."""
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The module's own factored parameters that exist (affine-free norms have none)."""
+        found = {}
+        for role in self.roles:
+            p = getattr(module, role, None)
+            if isinstance(p, nn.Parameter):
+                found[role] = p
+        return found
+
+    def check(self, module: nn.Module) -> None:
+        """Raise ``ValueError`` for a configuration this helper cannot handle."""
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        """Lengths of ``H`` and ``S``."""
+        raise NotImplementedError
+
+    def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
+        """Raw input-side statistic ``h`` of one call, as ``(total, count)``."""
+        raise NotImplementedError
+
+    def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
+        """Raw output-side statistic ``s`` of one call, as ``(total, count)``."""
+        raise NotImplementedError
+
+    def denominator(
+        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor,
+        damping: float,
+    ) -> Tensor:
+        """The Fisher diagonal ``F`` of ``param`` (same shape), from normalised factors."""
+        return fn.kron_denominator(s_norm, h_norm, damping, param.shape, bias=role == "bias")
+
+
+class LinearHelper(LayerHelper):
+    """``nn.Linear`` and subclasses; any number of leading dims (tokens count as rows)."""
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features + (module.bias is not None), module.out_features
+
+    def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
+        return fn.linear_input_stats(x, bias=module.bias is not None)
+
+    def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
+        return fn.linear_output_stats(g)
+
+
+class Conv2dHelper(LayerHelper):
+    """``nn.Conv2d``: stride, dilation, groups, every padding (``'same'``, every padding mode)."""
+
+    def check(self, module: nn.Module) -> None:
+        if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"Unsupported Conv2d padding_mode: {module.padding_mode!r}")
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        kh, kw = module.kernel_size
+        cols = module.in_channels // module.groups * kh * kw
+        return cols + (module.bias is not None), module.out_channels
+
+    def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
+        return fn.conv2d_input_stats(
+            x,
+            module.kernel_size,
+            module.stride,
+            module.dilation,
+            fn.conv2d_padding(module.padding, module.kernel_size, module.dilation),
+            module.padding_mode,
+            module.groups,
+            bias=module.bias is not None,
+            reference_normaliser=variant == "reference",
+        )
+
+    def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
+        return fn.conv2d_output_stats(g)
+
+
+class BatchNormHelper(LayerHelper):
+    """``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` with affine parameters."""
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        return 2, module.num_features
+
+    def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
+        return fn.batchnorm_input_stats(x)
+
+    def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
+        return fn.batchnorm_output_stats(g)
+
+    def denominator(
+        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor,
+        damping: float,
+    ) -> Tensor:
+        return fn.norm_denominator(s_norm, h_norm, damping, param.shape, bias=role == "bias")
+
+
+class LayerNormHelper(BatchNormHelper):
+    """``nn.LayerNorm`` (affine, bias-free or affine-free)."""
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        return 2, module.normalized_shape[-1]
+
+    def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
+        return fn.layernorm_input_stats(x)
+
+    def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
+        return fn.layernorm_output_stats(g)
+
+
+_REGISTRY: list[tuple[type[nn.Module], LayerHelper]] = [
+    (nn.Linear, LinearHelper()),
+    (nn.Conv2d, Conv2dHelper()),
+    (nn.modules.batchnorm._BatchNorm, BatchNormHelper()),
+    (nn.LayerNorm, LayerNormHelper()),
+]
+
+
+def register_layer_helper(module_type: type[nn.Module], helper: LayerHelper) -> None:
+    """Use ``helper`` for ``module_type`` and its subclasses (takes precedence over earlier ones)."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(helper, LayerHelper):
+        raise TypeError(f"helper must be a LayerHelper instance, got {helper!r}")
+    _REGISTRY.insert(0, (module_type, helper))
+
+
+def layer_helper_for(module: nn.Module) -> LayerHelper | None:
+    """The helper of the most recently registered type ``module`` is an instance of, or None."""
+    for module_type, helper in _REGISTRY:
+        if isinstance(module, module_type):
+            return helper
+    return None

@@ -1,0 +1,448 @@
+"""``AdaFisher`` and ``AdaFisherW``: bookkeeping around :mod:`lightning_adafisher.functional`.
+
+The optimizer owns a :class:`~lightning_adafisher.statistics.StatisticsCollector` once it is
+attached to a model (``AdaFisher(model)`` attaches at construction, ``AdaFisher(params)`` waits
+for :meth:`AdaFisher.attach` or :class:`~lightning_adafisher.AdaFisherCallback`). Every piece of
+state lives in ``optimizer.state`` so ``state_dict()`` checkpoints it and Lightning moves it:
+
+* ``state[p]``: ``step`` (int, the parameter's own update count) and ``exp_avg`` (first moment);
+* ``state[primary parameter of a layer]`` additionally: ``factor_h``, ``factor_s`` (the folded
+  Kronecker factor vectors) and ``factor_updates`` (how many statistics steps were folded);
+* ``state["adafisher"]``: optimizer-wide counters, ``steps`` (optimizer steps taken, which fixes
+  the phase of ``update_interval``) and ``skipped_statistics`` (per layer name).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_adafisher import functional as fn
+from lightning_adafisher.layers import layer_helper_for
+from lightning_adafisher.statistics import BoundLayer, PendingStats, StatisticsCollector
+
+__all__ = ["AdaFisher", "AdaFisherW", "VARIANTS"]
+
+VARIANTS = ("paper", "reference")
+
+# State keys (named once, used everywhere).
+STEP = "step"
+EXP_AVG = "exp_avg"
+FACTOR_H = "factor_h"
+FACTOR_S = "factor_s"
+FACTOR_UPDATES = "factor_updates"
+GLOBAL = "adafisher"
+GLOBAL_STEPS = "steps"
+GLOBAL_SKIPPED = "skipped_statistics"
+
+StatisticsReducer = Callable[[list[BoundLayer], dict[str, PendingStats]], dict[str, PendingStats]]
+
+_ALGORITHM = r"""
+    .. code-block:: text
+
+        input: lr α, beta β, gamma γ, damping λ, weight_decay κ, update_interval k, variant
+        for t = 1, 2, ...:
+            if (t − 1) mod k == 0:                        # statistics step
+                for each supported layer: h, s ← raw statistics of the step's forward/backward
+                    paper:      H ← h (first time) else γH + (1−γ)h;     H' ← minmax(H)
+                    reference:  H ← 1 (first time);  H ← 0.1γH + 0.01γ·minmax_ε(h);  H' ← H
+                    (same for S; a step whose statistics hold inf/NaN leaves H, S unchanged)
+            for each parameter p with gradient g:
+                F ← S'[o]·H'[i] + λ   (identity: 1 + λ paper, 1 reference)
+                {coupled_decay}m ← βm + (1−β)g
+                p ← p − α·{update}
+"""
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    lr, beta, gamma, damping = group["lr"], group["beta"], group["gamma"], group["damping"]
+    wd, interval, variant = group["weight_decay"], group["update_interval"], group["variant"]
+    if isinstance(lr, Tensor) or not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"Invalid beta: {beta} (expected 0 <= beta < 1)")
+    if not 0.0 <= gamma < 1.0:
+        raise ValueError(f"Invalid gamma: {gamma} (expected 0 <= gamma < 1)")
+    if not damping > 0.0:
+        raise ValueError(f"Invalid damping: {damping} (expected damping > 0)")
+    if not 0.0 <= wd:
+        raise ValueError(f"Invalid weight_decay: {wd}")
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"Invalid update_interval: {interval!r} (expected an integer >= 1)")
+    if variant not in VARIANTS:
+        raise ValueError(f"Invalid variant: {variant!r} (expected 'paper' or 'reference')")
+
+
+class AdaFisher(Optimizer):
+    r"""AdaFisher: Adam's first moment preconditioned by a diagonal Kronecker-factored Fisher.
+
+    Gomes, Zhang & Ebrahimi, *AdaFisher: Adaptive Second Order Optimization via Fisher
+    Information*, ICLR 2025. Numerics as fixed in ``SPEC.md`` §2–4.
+    {algorithm}
+
+    Args:
+        params: an ``nn.Module`` (its statistics hooks are installed now) or an iterable of
+            parameters / param groups (call :meth:`attach` or use ``AdaFisherCallback``).
+        lr: learning rate ``α``.
+        beta: decay of the first moment ``β``.
+        gamma: decay of the Kronecker factors ``γ`` (paper 0.92, released code 0.8).
+        damping: Tikhonov damping ``λ`` added to the Fisher diagonal.
+        weight_decay: ``κ``; {decay_doc}
+        update_interval: statistics are gathered and folded on steps ``t`` with
+            ``(t − 1) % update_interval == 0``; in between the factors are reused.
+        variant: ``"paper"`` (Eq. 3–4 of the paper) or ``"reference"`` (the authors' code).
+        foreach: use the multi-tensor update (default: on CUDA only, as torch does).
+
+    Non-finite *gradients* are left to the caller, as with every ``torch.optim`` optimizer
+    (``GradScaler`` skips such steps); non-finite *statistics* never reach the factors.
+    """
+
+    _decoupled = False
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        beta: float = 0.9,
+        gamma: float = 0.92,
+        damping: float = 1e-3,
+        weight_decay: float = 0.0,
+        update_interval: int = 1,
+        variant: str = "paper",
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        model = params if isinstance(params, nn.Module) else None
+        if model is not None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = dict(
+            lr=lr, beta=beta, gamma=gamma, damping=damping, weight_decay=weight_decay,
+            update_interval=update_interval, variant=variant, foreach=foreach,
+        )
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+        self._collector: StatisticsCollector | None = None
+        self._binding: dict[int, tuple[BoundLayer, str]] = {}
+        self._normalised: dict[int, tuple[Tensor, Tensor]] = {}
+        self._warned_unattached = False
+        self._checked_first_statistics = False
+        self.statistics_reducer: StatisticsReducer | None = None
+        """Called with the pooled statistics of a step before folding (DDP all-reduce)."""
+        self.statistics_grad_scale: float = 1.0
+        """Loss scale the gradients ``G`` carry (AMP); ``s`` is divided by its square."""
+        self.register_load_state_dict_post_hook(AdaFisher._after_load_state_dict)
+        self.register_state_dict_post_hook(AdaFisher._copy_global_state)
+        if model is not None:
+            self.attach(model)
+
+    # --- param groups -----------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hyperparameters(group)
+            first = self.param_groups[0]
+            for key in ("variant", "update_interval"):
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"Invalid {key}: {group[key]!r} differs between param groups "
+                        f"({first[key]!r} in the first); it must be the same for all groups"
+                    )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @property
+    def variant(self) -> str:
+        return self.param_groups[0]["variant"]
+
+    @property
+    def update_interval(self) -> int:
+        return self.param_groups[0]["update_interval"]
+
+    # --- attaching to a model -------------------------------------------------------------
+
+    @property
+    def collector(self) -> StatisticsCollector | None:
+        """The statistics hooks, when attached."""
+        return self._collector
+
+    def attach(self, model: nn.Module) -> StatisticsCollector:
+        """Install statistics hooks on every supported layer of ``model`` whose parameters
+        this optimizer trains. Warns naming the parameters that keep the identity."""
+        if self._collector is not None:
+            raise RuntimeError(
+                "AdaFisher is already attached to a model; call optimizer.detach() first"
+            )
+        trained = {id(p) for group in self.param_groups for p in group["params"]}
+        layers: list[BoundLayer] = []
+        claimed: dict[int, str] = {}
+        for name, module in model.named_modules():
+            helper = layer_helper_for(module)
+            if helper is None:
+                continue
+            params = {
+                role: p
+                for role, p in helper.parameters(module).items()
+                if id(p) in trained and p.requires_grad
+            }
+            if not params:
+                continue
+            helper.check(module)
+            shared = [role for role, p in params.items() if id(p) in claimed]
+            for role in shared:
+                warnings.warn(
+                    f"AdaFisher: parameter {name}.{role} is shared with "
+                    f"{claimed[id(params[role])]}; it gets factors from that layer only",
+                    stacklevel=2,
+                )
+                del params[role]
+            if not params:
+                continue
+            layer = BoundLayer(name or type(module).__name__, module, helper, params)
+            layers.append(layer)
+            for role, p in params.items():
+                claimed[id(p)] = f"{layer.name}.{role}"
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        identity = [
+            names.get(id(p), f"<parameter not in the model, shape {tuple(p.shape)}>")
+            for group in self.param_groups
+            for p in group["params"]
+            if id(p) not in claimed
+        ]
+        if not layers:
+            warnings.warn(
+                f"AdaFisher: {type(model).__name__} has no supported layer (Linear, Conv2d, "
+                "BatchNorm, LayerNorm or a registered helper); every parameter uses the identity "
+                "preconditioner",
+                stacklevel=2,
+            )
+        elif identity:
+            warnings.warn(
+                f"AdaFisher: {len(identity)} parameter(s) have no supported layer and use the "
+                f"identity preconditioner: {', '.join(identity)}",
+                stacklevel=2,
+            )
+        self._binding = {id(p): (layer, role) for layer in layers for role, p in layer.params.items()}
+        self._collector = StatisticsCollector(layers, self.variant)
+        self._collector.active = self._is_statistics_step(self._steps_taken() + 1)
+        self._collector.install()
+        return self._collector
+
+    def detach(self) -> None:
+        """Remove the statistics hooks (factors already folded stay in the state)."""
+        if self._collector is not None:
+            self._collector.remove()
+        self._collector = None
+        self._binding = {}
+
+    # --- the step ---------------------------------------------------------------------------
+
+    def _global_state(self) -> dict[str, Any]:
+        glob = self.state[GLOBAL]  # type: ignore[index]
+        glob.setdefault(GLOBAL_STEPS, 0)
+        glob.setdefault(GLOBAL_SKIPPED, {})
+        return glob
+
+    def _steps_taken(self) -> int:
+        return self._global_state()[GLOBAL_STEPS]
+
+    def _is_statistics_step(self, t: int) -> bool:
+        return (t - 1) % self.update_interval == 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Fold this step's statistics (on statistics steps) and update every parameter."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        glob = self._global_state()
+        t = glob[GLOBAL_STEPS] + 1
+        if self._collector is None:
+            self._warn_unattached()
+        elif self._is_statistics_step(t):
+            self._fold(self._collector.consume())
+        else:
+            self._collector.discard()
+        for group in self.param_groups:
+            self._update_group(group)
+        glob[GLOBAL_STEPS] = t
+        if self._collector is not None:
+            self._collector.active = self._is_statistics_step(t + 1)
+        return loss
+
+    def discard_statistics(self) -> None:
+        """Drop the statistics gathered since the last step (e.g. a step ``GradScaler`` skipped)."""
+        if self._collector is not None:
+            self._collector.discard()
+
+    def _fold(self, pending: dict[str, PendingStats]) -> None:
+        assert self._collector is not None
+        layers = self._collector.layers
+        if self.statistics_reducer is not None:
+            pending = self.statistics_reducer(layers, pending)
+        fold = fn.fold_paper if self.variant == "paper" else fn.fold_reference
+        s_scale = 1.0 / self.statistics_grad_scale**2
+        folded: list[tuple[str, Tensor]] = []
+        for layer in layers:
+            stats = pending.get(layer.name)
+            if stats is None or not stats.complete:
+                continue
+            h = stats.h_total / stats.h_count
+            s = stats.s_total / stats.s_count
+            if s_scale != 1.0:
+                s = s * s_scale
+            ok = fn.statistics_ok(self.variant, h, s)
+            group = self._group_of(layer.primary)
+            state = self.state[layer.primary]
+            state[FACTOR_H] = fold(state.get(FACTOR_H), h, group["gamma"], ok)
+            state[FACTOR_S] = fold(state.get(FACTOR_S), s, group["gamma"], ok)
+            state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
+            self._normalised.pop(id(layer.primary), None)
+            folded.append((layer.name, ok))
+        self._report_skipped(folded)
+        if not self._checked_first_statistics:
+            self._checked_first_statistics = True
+            seen = {name for name, _ in folded}
+            missing = [layer.name for layer in layers if layer.name not in seen]
+            if missing:
+                warnings.warn(
+                    "AdaFisher: these layers received no statistics on the first statistics step "
+                    "and keep the identity until they do (not called through their forward, "
+                    f"outside training mode, or no gradient reached them): {', '.join(missing)}",
+                    stacklevel=3,
+                )
+
+    def _report_skipped(self, folded: list[tuple[str, Tensor]]) -> None:
+        if not folded:
+            return
+        flags = torch.stack([ok for _, ok in folded])
+        # One host read per statistics step (free on CPU); on accelerators it is the only sync.
+        if bool(flags.all()):
+            return
+        skipped = self._global_state()[GLOBAL_SKIPPED]
+        bad = [name for (name, _), ok in zip(folded, flags.tolist()) if not ok]
+        for name in bad:
+            skipped[name] = skipped.get(name, 0) + 1
+        what = "inf/NaN" if self.variant == "paper" else "NaN"
+        warnings.warn(
+            f"AdaFisher: statistics containing {what} were not folded into the factors of "
+            f"{', '.join(bad)} (their H and S are unchanged this step); counts so far are in "
+            "optimizer.state['adafisher']['skipped_statistics']",
+            stacklevel=3,
+        )
+
+    def _warn_unattached(self) -> None:
+        if not self._warned_unattached:
+            self._warned_unattached = True
+            warnings.warn(
+                "AdaFisher has no statistics hooks, so every parameter uses the identity "
+                "preconditioner: pass the model (AdaFisher(model)), call optimizer.attach(model), "
+                "or add lightning_adafisher.AdaFisherCallback to the Trainer",
+                stacklevel=3,
+            )
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not in this optimizer")
+
+    def _normalised_factors(self, primary: Tensor) -> tuple[Tensor, Tensor] | None:
+        cached = self._normalised.get(id(primary))
+        if cached is not None:
+            return cached
+        state = self.state[primary]
+        if FACTOR_H not in state:
+            return None
+        h, s = state[FACTOR_H], state[FACTOR_S]
+        if self.variant == "paper":
+            h, s = fn.flush_subnormal_(fn.min_max(h)), fn.flush_subnormal_(fn.min_max(s))
+        self._normalised[id(primary)] = (h, s)
+        return h, s
+
+    def _denominator(self, p: Tensor, damping: float) -> Tensor | float:
+        bound = self._binding.get(id(p))
+        if bound is None:
+            return 1.0 + damping if self.variant == "paper" else 1.0
+        layer, role = bound
+        factors = self._normalised_factors(layer.primary)
+        if factors is None:
+            return 1.0 + damping  # a supported layer before its first statistics
+        h_norm, s_norm = factors
+        denom = layer.helper.denominator(layer.module, role, p, h_norm, s_norm, damping)
+        return denom if denom.dtype == p.dtype else denom.to(p.dtype)
+
+    def _update_group(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, denoms, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdaFisher does not support sparse gradients")
+            state = self.state[p]
+            if STEP not in state:
+                state[STEP] = 0
+                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[STEP] += 1
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state[EXP_AVG])
+            denoms.append(self._denominator(p, group["damping"]))
+            steps.append(state[STEP])
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = bool(params) and all(p.is_cuda for p in params)
+        fn.adafisher_update(
+            params, grads, exp_avgs, denoms, steps,
+            lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],
+            decoupled=self._decoupled, foreach=foreach,
+        )
+
+    # --- checkpointing ----------------------------------------------------------------------
+
+    @staticmethod
+    def _copy_global_state(self: AdaFisher, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # Tensors in a state_dict alias the live state, as in torch; the counters are plain
+        # Python objects, so copy them lest a saved dict keep counting with the optimizer.
+        if GLOBAL in state_dict["state"]:
+            state_dict["state"][GLOBAL] = copy.deepcopy(state_dict["state"][GLOBAL])
+        return state_dict
+
+    def _after_load_state_dict(self) -> None:
+        if GLOBAL in self.state:
+            self.state[GLOBAL] = copy.deepcopy(self.state[GLOBAL])  # type: ignore[index]
+        # torch casts floating state to the parameter's dtype; factors live in >= float32.
+        for p, state in self.state.items():
+            if isinstance(p, Tensor):
+                for key in (FACTOR_H, FACTOR_S):
+                    if key in state:
+                        state[key] = state[key].to(fn.stats_dtype(p.dtype))
+        self._normalised.clear()
+        if self._collector is not None:
+            self._collector.discard()
+            self._collector.active = self._is_statistics_step(self._steps_taken() + 1)
+
+
+class AdaFisherW(AdaFisher):
+    """AdaFisher with decoupled weight decay (the AdamW analogue): ``p ← p − α(m̂/F + κp)``."""
+
+    _decoupled = True
+
+
+AdaFisher.__doc__ = (AdaFisher.__doc__ or "").replace(
+    "{algorithm}",
+    _ALGORITHM.format(coupled_decay="g ← g + κp; ", update="(m / (1 − β^t)) / F"),
+).replace("{decay_doc}", "added to the gradient (L2, coupled).")
+AdaFisherW.__doc__ = (AdaFisher.__doc__ or "").replace(
+    "AdaFisher: Adam's first moment", "AdaFisherW: AdamW's first moment"
+).replace("g ← g + κp; ", "").replace(
+    "(m / (1 − β^t)) / F", "((m / (1 − β^t)) / F + κp)"
+).replace("added to the gradient (L2, coupled).", "decoupled, applied to the weights directly.")

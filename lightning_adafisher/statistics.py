@@ -1,0 +1,144 @@
+"""Statistics hooks: install, gate, accumulate, hand over, remove.
+
+For every bound layer a forward hook reads the input ``x`` (unchanged at that point: in-place ops
+such as ``nn.ReLU(inplace=True)`` or a residual ``+=`` run after the module returns) and, on a
+statistics step, registers a tensor hook on the output that receives ``G``. Tensor hooks fire with
+the gradient of the output as it was produced, even when it is later modified in place, which is
+why full backward hooks (which fail on in-place ops) are not used.
+
+Gating: a call counts only when the collector is active (the optimizer turns it on for statistics
+steps), the module is in training mode and grad is enabled. A forward that runs *inside* a
+backward pass is an activation-checkpoint recomputation: it is skipped when the original forward
+was counted (non-reentrant checkpointing) and counted when it was not (reentrant checkpointing,
+whose first forward runs without grad), so each call is counted exactly once.
+
+Statistics accumulate as ``(total, count)`` over every call and backward pass until
+:meth:`StatisticsCollector.consume` hands them to the optimizer, which is how gradient
+accumulation and modules called several times per forward are pooled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_adafisher.layers import LayerHelper
+
+__all__ = ["BoundLayer", "PendingStats", "StatisticsCollector"]
+
+
+@dataclass(eq=False)
+class BoundLayer:
+    """A module whose parameters get Kronecker factors."""
+
+    name: str
+    module: nn.Module
+    helper: LayerHelper
+    params: dict[str, nn.Parameter]
+    """Role (``"weight"``/``"bias"``) → trainable parameter in the optimizer."""
+
+    @property
+    def primary(self) -> nn.Parameter:
+        """The parameter whose optimizer state holds the layer's factors."""
+        return next(iter(self.params.values()))
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return self.helper.factor_sizes(self.module)
+
+
+@dataclass
+class PendingStats:
+    """Pooled raw statistics of one layer: ``h = h_total / h_count`` (same for ``s``)."""
+
+    h_total: Tensor | None = None
+    h_count: float = 0.0
+    s_total: Tensor | None = None
+    s_count: float = 0.0
+
+    def add_h(self, total: Tensor, count: float) -> None:
+        self.h_total = total if self.h_total is None else self.h_total + total
+        self.h_count += count
+
+    def add_s(self, total: Tensor, count: float) -> None:
+        self.s_total = total if self.s_total is None else self.s_total + total
+        self.s_count += count
+
+    @property
+    def complete(self) -> bool:
+        return self.h_count > 0 and self.s_count > 0
+
+
+@dataclass(eq=False)
+class StatisticsCollector:
+    """Owns the hooks of a set of layers and the statistics they gather."""
+
+    layers: list[BoundLayer]
+    variant: str
+    active: bool = True
+    pending: dict[str, PendingStats] = field(default_factory=dict)
+    _handles: list[RemovableHandle] = field(default_factory=list)
+    _counted_forwards: dict[str, int] = field(default_factory=dict)
+
+    def install(self) -> None:
+        """Register one forward hook per layer (idempotent)."""
+        if self._handles:
+            return
+        for layer in self.layers:
+            hook = self._make_forward_hook(layer)
+            self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        """Remove every hook this collector registered and drop pending statistics."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.discard()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def discard(self) -> None:
+        """Forget statistics gathered since the last :meth:`consume` (e.g. a skipped AMP step)."""
+        self.pending.clear()
+        self._counted_forwards.clear()
+
+    def consume(self) -> dict[str, PendingStats]:
+        """Hand over the pooled statistics and start a new window."""
+        pending = self.pending
+        self.pending = {}
+        self._counted_forwards.clear()
+        return pending
+
+    # ----------------------------------------------------------------------------------------
+
+    def _make_forward_hook(self, layer: BoundLayer) -> Callable[..., None]:
+        name, helper, variant = layer.name, layer.helper, self.variant
+
+        def on_grad(g: Tensor) -> None:
+            total, count = helper.output_stats(layer.module, g.detach(), variant)
+            self.pending.setdefault(name, PendingStats()).add_s(total, count)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not (self.active and module.training and torch.is_grad_enabled()):
+                return
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            if torch._C._current_graph_task_id() != -1:
+                # Forward inside backward: an activation-checkpoint recomputation.
+                if self._counted_forwards.get(name, 0) > 0:
+                    self._counted_forwards[name] -= 1
+                    return
+            else:
+                self._counted_forwards[name] = self._counted_forwards.get(name, 0) + 1
+            x = args[0] if args else next(iter(kwargs.values()))
+            total, count = helper.input_stats(module, x.detach(), variant)
+            self.pending.setdefault(name, PendingStats()).add_h(total, count)
+            output.register_hook(on_grad)
+
+        return hook
