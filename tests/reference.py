@@ -162,13 +162,16 @@ class ReferenceAdaFisher:
         self.t += 1
         statistics_step = (self.t - 1) % self.interval == 0
         inputs, outputs = {}, {}
-        handles = [
-            m.register_forward_hook(
-                lambda mod, args, out, name=name: (inputs.__setitem__(name, args[0].detach()),
-                                                   outputs.__setitem__(name, out))
-            )
-            for name, m in self.layers.items()
-        ]
+        def capture(name):
+            def hook(module, args, out):
+                # Hand the model a copy so that in-place ops downstream (ReLU(inplace=True))
+                # cannot rebind the tensor whose gradient G is taken below.
+                inputs[name], outputs[name] = args[0].detach(), out
+                return out.clone()
+
+            return hook
+
+        handles = [m.register_forward_hook(capture(name)) for name, m in self.layers.items()]
         loss = loss_fn(self.model)
         for h in handles:
             h.remove()

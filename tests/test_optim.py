@@ -1,0 +1,264 @@
+"""AdaFisher(W) against the float64 SPEC reference; state_dict; foreach; errors and warnings."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_adafisher import AdaFisher, AdaFisherW
+from tests.conftest import make_mixed
+from tests.reference import ReferenceAdaFisher
+
+HP = dict(lr=1e-2, beta=0.9, gamma=0.8, damping=1e-3)
+
+
+def _loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (4,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def _run(opt_cls, model, batches, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the raw Parameter's identity warning is tested below
+        opt = opt_cls(model, **kw)
+    for batch in batches:
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("interval", [1, 3])
+def test_matches_float64_reference(variant, decoupled, interval):
+    batches = _batches(5)
+    model = make_mixed()
+    reference_model = copy.deepcopy(model)
+    wd = 0.05
+    _run(AdaFisherW if decoupled else AdaFisher, model, batches,
+         weight_decay=wd, update_interval=interval, variant=variant, **HP)
+    reference = ReferenceAdaFisher(
+        reference_model, weight_decay=wd, update_interval=interval, variant=variant,
+        decoupled=decoupled, **HP,
+    )
+    for batch in batches:
+        reference.step(lambda m: _loss(m, batch))
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    # the run moved every parameter (the comparison is not between two untouched models)
+    fresh = make_mixed()
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert not torch.equal(p, q)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_foreach_equals_single_tensor(variant):
+    batches = _batches(4)
+    a, b = make_mixed(), make_mixed()
+    _run(AdaFisherW, a, batches, variant=variant, weight_decay=0.1, foreach=False, **HP)
+    _run(AdaFisherW, b, batches, variant=variant, weight_decay=0.1, foreach=True, **HP)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_state_dict_round_trip_continues_identically(interval):
+    batches = _batches(7)
+    model = make_mixed()
+    opt = _run(AdaFisherW, model, batches[:4], update_interval=interval, weight_decay=0.01, **HP)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+
+    for batch in batches[4:]:  # the uninterrupted run
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        opt.step()
+
+    resumed = make_mixed(seed=123)
+    resumed.load_state_dict(saved_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt2 = AdaFisherW(resumed, update_interval=interval, weight_decay=0.01, **HP)
+    opt2.load_state_dict(saved)
+    for batch in batches[4:]:
+        opt2.zero_grad()
+        _loss(resumed, batch).backward()
+        opt2.step()
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert opt2.state["adafisher"]["steps"] == opt.state["adafisher"]["steps"] == 7
+
+
+def test_state_dict_counters_are_copies():
+    model = make_mixed()
+    opt = _run(AdaFisher, model, _batches(1), **HP)
+    sd = opt.state_dict()
+    _run_step = _batches(1, seed=5)[0]
+    opt.zero_grad()
+    _loss(model, _run_step).backward()
+    opt.step()
+    assert sd["state"]["adafisher"]["steps"] == 1
+
+
+def test_factors_live_in_state_of_each_layers_first_parameter():
+    model = make_mixed()
+    opt = _run(AdaFisher, model, _batches(2), **HP)
+    for module in (model.conv, model.bn, model.proj, model.ln, model.head):
+        state = opt.state[module.weight]
+        assert state["factor_updates"] == 2
+        assert state["factor_h"].dtype == torch.float64
+    assert "factor_h" not in opt.state[model.conv.bias]
+    assert "factor_h" not in opt.state[model.scale]
+
+
+def test_hooks_fully_removed():
+    model = make_mixed()
+    opt = AdaFisher(model.parameters(), **HP)
+    before = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    with pytest.warns(UserWarning, match="scale"):
+        opt.attach(model)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 6
+    opt.detach()
+    after = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    assert before == after
+    # no tensor hooks linger either: a backward after detach gathers nothing
+    _loss(model, _batches(1)[0]).backward()
+    assert opt.collector is None
+
+
+def test_identity_warning_names_the_parameters():
+    model = make_mixed()
+    with pytest.warns(UserWarning, match=r"1 parameter\(s\) have no supported layer .*: scale"):
+        AdaFisher(model)
+
+
+def test_unattached_optimizer_warns_once_and_uses_identity():
+    lin = nn.Linear(3, 2)
+    opt = AdaFisher(lin.parameters(), lr=0.1)
+    lin(torch.randn(4, 3)).sum().backward()
+    before = lin.weight.detach().clone()
+    with pytest.warns(UserWarning, match="no statistics hooks"):
+        opt.step()
+    # identity (paper): p ← p − lr · m̂ / (1 + λ), m̂ = g at t = 1
+    torch.testing.assert_close(lin.weight, before - 0.1 * lin.weight.grad / 1.001)
+
+
+def test_no_supported_layer_warns():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+    with pytest.warns(UserWarning, match="Bare has no supported layer"):
+        AdaFisher(Bare())
+
+
+def test_frozen_parameters_skipped():
+    model = make_mixed()
+    model.conv.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisher(model, **HP)
+    assert "conv" not in [layer.name for layer in opt.collector.layers]
+    assert len(model.conv._forward_hooks) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+        (dict(beta=1.0), "Invalid beta: 1.0"),
+        (dict(gamma=-0.1), "Invalid gamma: -0.1"),
+        (dict(damping=0.0), "Invalid damping: 0.0"),
+        (dict(damping=float("nan")), "Invalid damping: nan"),
+        (dict(weight_decay=-1e-4), "Invalid weight_decay: -0.0001"),
+        (dict(update_interval=0), "Invalid update_interval: 0"),
+        (dict(update_interval=2.5), "Invalid update_interval: 2.5"),
+        (dict(variant="kfac"), "Invalid variant: 'kfac' (expected 'paper' or 'reference')"),
+    ],
+)
+def test_bad_hyperparameters_raise_with_the_value(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        AdaFisher(nn.Linear(2, 2).parameters(), **kwargs)
+    assert message in str(err.value)
+
+
+def test_param_groups_must_share_variant_and_interval():
+    lin = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="Invalid update_interval: 5 differs between param groups"):
+        AdaFisher([{"params": [lin.weight]}, {"params": [lin.bias], "update_interval": 5}])
+    opt = AdaFisher([{"params": [lin.weight]}, {"params": [lin.bias], "weight_decay": 0.0}], weight_decay=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_unsupported_padding_mode_is_refused():
+    conv = nn.Conv2d(2, 2, 3)
+    conv.padding_mode = "mirror"
+    with pytest.raises(ValueError, match="Unsupported Conv2d padding_mode: 'mirror'"):
+        AdaFisher(conv)
+
+
+def test_attach_twice_is_an_error():
+    lin = nn.Linear(2, 2)
+    opt = AdaFisher(lin)
+    with pytest.raises(RuntimeError, match="already attached"):
+        opt.attach(lin)
+
+
+def test_closure_is_called_and_returned():
+    lin = nn.Linear(3, 1)
+    opt = AdaFisher(lin)
+    x = torch.randn(5, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = lin(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and opt.state[lin.weight]["factor_updates"] == 1
+
+
+def test_non_finite_statistics_leave_factors_unchanged_and_warn():
+    lin = nn.Linear(3, 2).double()
+    opt = AdaFisher(lin, lr=0.1)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    lin(x).sum().backward()
+    opt.step()
+    H = opt.state[lin.weight]["factor_h"].clone()
+    opt.zero_grad()
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    out = lin(bad)
+    out.masked_fill(~torch.isfinite(out), 0.0).sum().backward()
+    with pytest.warns(UserWarning, match=r"statistics containing inf/NaN were not folded into the factors of Linear"):
+        opt.step()
+    assert torch.equal(opt.state[lin.weight]["factor_h"], H)
+    assert opt.state["adafisher"]["skipped_statistics"] == {"Linear": 1}
+
+
+def test_parameters_without_gradient_are_left_alone():
+    model = make_mixed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(model, weight_decay=0.5, **HP)
+    before = model.scale.detach().clone()
+    _loss(model, _batches(1)[0]).backward()
+    model.scale.grad = None
+    opt.step()
+    assert torch.equal(model.scale, before)

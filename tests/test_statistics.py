@@ -1,0 +1,160 @@
+"""Hook behaviour: gating, pooling over calls and micro-batches, checkpointing, real models."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_adafisher import AdaFisher, AdaFisherW
+
+DT = torch.float64
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, reuse: bool = False, ckpt: str | None = None) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+        self.reuse, self.ckpt = reuse, ckpt
+
+    def body(self, x):
+        y = torch.tanh(self.a(x))
+        if self.reuse:  # the same module called twice per forward
+            y = torch.tanh(self.a(y[..., :6] * 0.5)) + y
+        return self.b(y)
+
+    def forward(self, x):
+        if self.ckpt is None:
+            return self.body(x)
+        return checkpoint(self.body, x, use_reentrant=self.ckpt == "reentrant")
+
+
+def _data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
+
+
+def _pending(model, x, y):
+    opt = AdaFisher(model)
+    F.cross_entropy(model(x), y).backward()
+    return {k: (v.h_total / v.h_count, v.s_total / v.s_count) for k, v in opt.collector.pending.items()}
+
+
+def test_module_called_twice_contributes_all_rows():
+    torch.manual_seed(0)
+    model = TwoLayer(reuse=True).double()
+    x, y = _data()
+    stats = _pending(model, x, y)
+    # brute force: rows of both calls, and G of both outputs
+    outs, ins = [], []
+    handle = model.a.register_forward_hook(lambda m, a, o: (ins.append(a[0]), outs.append(o)) and None)
+    loss = F.cross_entropy(model(x), y)
+    handle.remove()
+    grads = torch.autograd.grad(loss, outs)
+    rows = torch.cat([torch.cat([i, torch.ones(len(i), 1, dtype=DT)], 1) for i in ins])
+    torch.testing.assert_close(stats["a"][0], rows.square().mean(0), rtol=1e-13, atol=0)
+    torch.testing.assert_close(stats["a"][1], torch.cat(grads).square().mean(0), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_activation_checkpointing_counts_each_call_once(mode):
+    torch.manual_seed(0)
+    plain = TwoLayer(reuse=True).double()
+    ckpt = copy.deepcopy(plain)
+    ckpt.ckpt = mode
+    x, y = _data()
+    if mode == "reentrant":
+        x.requires_grad_(True)  # reentrant checkpointing needs an input that requires grad
+    expected = _pending(plain, x, y)
+    got = _pending(ckpt, x, y)
+    assert expected.keys() == got.keys() == {"a", "b"}
+    for k in expected:
+        torch.testing.assert_close(got[k][0], expected[k][0], rtol=1e-13, atol=0)
+        torch.testing.assert_close(got[k][1], expected[k][1], rtol=1e-13, atol=0)
+
+
+def test_accumulation_over_micro_batches_equals_full_batch():
+    torch.manual_seed(0)
+    full = TwoLayer().double()
+    accum = copy.deepcopy(full)
+    opt_full, opt_acc = AdaFisherW(full, lr=0.05), AdaFisherW(accum, lr=0.05)
+    for step in range(3):
+        x, y = _data(8, seed=step)
+        opt_full.zero_grad()
+        F.cross_entropy(full(x), y).backward()
+        opt_full.step()
+        opt_acc.zero_grad()
+        for xs, ys in ((x[:4], y[:4]), (x[4:], y[4:])):
+            (F.cross_entropy(accum(xs), ys) / 2).backward()
+        opt_acc.step()
+    for p, q in zip(full.parameters(), accum.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert opt_acc.state[accum.a.weight]["factor_updates"] == 3
+
+
+def test_no_statistics_in_eval_mode_or_without_grad():
+    model = TwoLayer().double()
+    opt = AdaFisher(model)
+    x, y = _data()
+    model.eval()
+    F.cross_entropy(model(x), y).backward()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert opt.collector.pending == {}
+
+
+def test_statistics_only_on_interval_steps():
+    model = TwoLayer().double()
+    opt = AdaFisher(model, update_interval=3)
+    x, y = _data()
+    seen = []
+    for _ in range(7):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        seen.append(bool(opt.collector.pending))
+        opt.step()
+    assert seen == [True, False, False, True, False, False, True]
+    assert opt.state[model.a.weight]["factor_updates"] == 3
+
+
+def test_torchvision_resnet18_with_inplace_relu_trains_without_warnings():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    assert any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = AdaFisherW(model, lr=1e-3, weight_decay=5e-4)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    bound = {layer.name for layer in opt.collector.layers}
+    supported = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))}
+    assert bound == supported
+    for name in bound:
+        state = opt.state[model.get_submodule(name).weight]
+        assert state["factor_updates"] == 3
+        assert torch.isfinite(state["factor_h"]).all() and torch.isfinite(state["factor_s"]).all()
+    assert losses[-1] < losses[0]  # the same batch three times: the loss must go down
+
+
+def test_bf16_activations_give_float32_statistics():
+    lin = nn.Linear(4, 3).to(torch.bfloat16)
+    opt = AdaFisher(lin)
+    lin(torch.randn(5, 4, dtype=torch.bfloat16)).float().sum().backward()
+    pending = opt.collector.pending["Linear"]
+    assert pending.h_total.dtype == pending.s_total.dtype == torch.float32
+    opt.step()
+    assert opt.state[lin.weight]["factor_h"].dtype == torch.float32
