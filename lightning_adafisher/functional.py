@@ -284,8 +284,10 @@ def kron_denominator(
     if bias:
         return torch.add(s_norm * h_norm[-1], damping).view(shape)
     cols = math.prod(shape[1:])
-    dense = torch.addr(s_norm.new_tensor(damping), s_norm, h_norm[:cols])
-    return dense.view(shape)
+    # A rank-1 GEMM with the damping as its broadcast input writes F in one pass: ~4× faster
+    # than torch.addr and ~2× faster than outer + add_ on CPU (docs/performance.md).
+    damp = s_norm.new_tensor(damping)
+    return torch.addmm(damp, s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0)).view(shape)
 
 
 def norm_denominator(
