@@ -133,7 +133,7 @@ class AdaFisher(Optimizer):
         self._checked_first_statistics = False
         self.statistics_reducer: StatisticsReducer | None = None
         """Called with the pooled statistics of a step before folding (DDP all-reduce)."""
-        self.statistics_grad_scale: float = 1.0
+        self.statistics_grad_scale: float | Tensor = 1.0
         """Loss scale the gradients ``G`` carry (AMP); ``s`` is divided by its square."""
         self.register_load_state_dict_post_hook(AdaFisher._after_load_state_dict)
         self.register_state_dict_post_hook(AdaFisher._copy_global_state)
@@ -289,7 +289,8 @@ class AdaFisher(Optimizer):
         if self.statistics_reducer is not None:
             pending = self.statistics_reducer(layers, pending)
         fold = fn.fold_paper if self.variant == "paper" else fn.fold_reference
-        s_scale = 1.0 / self.statistics_grad_scale**2
+        scale = self.statistics_grad_scale
+        rescale = isinstance(scale, Tensor) or scale != 1.0
         folded: list[tuple[str, Tensor]] = []
         for layer in layers:
             stats = pending.get(layer.name)
@@ -297,8 +298,8 @@ class AdaFisher(Optimizer):
                 continue
             h = stats.h_total / stats.h_count
             s = stats.s_total / stats.s_count
-            if s_scale != 1.0:
-                s = s * s_scale
+            if rescale:
+                s = s / (scale * scale)
             ok = fn.statistics_ok(self.variant, h, s)
             group = self._group_of(layer.primary)
             state = self.state[layer.primary]

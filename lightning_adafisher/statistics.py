@@ -19,6 +19,7 @@ accumulation and modules called several times per forward are pooled.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -81,6 +82,9 @@ class StatisticsCollector:
     variant: str
     active: bool = True
     pending: dict[str, PendingStats] = field(default_factory=dict)
+    timed: bool = False
+    """Accumulate the host time spent computing statistics in :attr:`seconds` (diagnostics)."""
+    seconds: float = 0.0
     _handles: list[RemovableHandle] = field(default_factory=list)
     _counted_forwards: dict[str, int] = field(default_factory=dict)
 
@@ -121,8 +125,11 @@ class StatisticsCollector:
         name, helper, variant = layer.name, layer.helper, self.variant
 
         def on_grad(g: Tensor) -> None:
+            start = time.perf_counter() if self.timed else 0.0
             total, count = helper.output_stats(layer.module, g.detach(), variant)
             self.pending.setdefault(name, PendingStats()).add_s(total, count)
+            if self.timed:
+                self.seconds += time.perf_counter() - start
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not (self.active and module.training and torch.is_grad_enabled()):
@@ -136,9 +143,12 @@ class StatisticsCollector:
                     return
             else:
                 self._counted_forwards[name] = self._counted_forwards.get(name, 0) + 1
+            start = time.perf_counter() if self.timed else 0.0
             x = args[0] if args else next(iter(kwargs.values()))
             total, count = helper.input_stats(module, x.detach(), variant)
             self.pending.setdefault(name, PendingStats()).add_h(total, count)
             output.register_hook(on_grad)
+            if self.timed:
+                self.seconds += time.perf_counter() - start
 
         return hook

@@ -1,0 +1,178 @@
+"""``AdaFisherCallback``: AdaFisher inside a Lightning ``Trainer``.
+
+What it does, in Lightning's own order (see ``docs/lightning.md`` for the why):
+
+* ``setup``: refuses sharded strategies (FSDP, DeepSpeed, ModelParallel).
+* ``on_fit_start`` (after the strategy created and wrapped everything, before optimizer state is
+  restored from a checkpoint): finds every AdaFisher/AdaFisherW in ``trainer.optimizers``,
+  attaches the statistics hooks to the unwrapped LightningModule and, when there is more than
+  one process, gives the optimizer a reducer that sums the step's statistics over ranks through
+  ``trainer.strategy.reduce`` in one flat buffer.
+* ``on_before_optimizer_step`` (gradients unscaled and clipped, step not yet taken): tells the
+  optimizer the loss scale the hooks' ``G`` carried under ``16-mixed``.
+* ``on_train_batch_end``: if a step was due but did not happen (``GradScaler`` skipped it on
+  inf/NaN), the statistics of that step are discarded.
+* ``teardown``: removes the hooks it installed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_adafisher.distributed import make_reducer
+from lightning_adafisher.optim import GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, AdaFisher
+from lightning_adafisher.statistics import BoundLayer, PendingStats
+
+__all__ = ["AdaFisherCallback"]
+
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def _unwrap(optimizer: Any) -> Any:
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+class AdaFisherCallback(Callback):
+    """Binds AdaFisher's statistics hooks to the model a ``Trainer`` fits.
+
+    Args:
+        log_diagnostics: on every statistics step, log per layer type the min/max/mean of the
+            normalised factors, the fraction of statistics steps discarded (steps GradScaler
+            skipped), how many layer statistics were dropped as non-finite, and the seconds spent
+            gathering and all-reducing statistics since the last log.
+    """
+
+    def __init__(self, log_diagnostics: bool = False) -> None:
+        self.log_diagnostics = log_diagnostics
+        self._attached: list[AdaFisher] = []
+        self._steps_before: dict[int, int] = {}
+        self._discarded = 0
+        self._statistics_steps = 0
+        self._comm_seconds = 0.0
+
+    # --- set-up and teardown ------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if any(s in name for s in _SHARDED):
+            raise MisconfigurationException(
+                f"AdaFisherCallback does not support the sharded strategy {name} yet: its "
+                "statistics hooks need whole parameters. Use strategy='ddp' (or a single device)."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = [_unwrap(o) for o in trainer.optimizers]
+        found = [o for o in optimizers if isinstance(o, AdaFisher)]
+        if not found:
+            names = ", ".join(type(o).__name__ for o in optimizers) or "no optimizer"
+            raise MisconfigurationException(
+                "AdaFisherCallback found no AdaFisher/AdaFisherW among the trainer's optimizers "
+                f"(found: {names}). Return lightning_adafisher.AdaFisherW from "
+                "configure_optimizers, or remove the callback."
+            )
+        for opt in found:
+            if opt.collector is None:
+                opt.attach(pl_module)
+                self._attached.append(opt)
+            if trainer.world_size > 1:
+                opt.statistics_reducer = self._make_reducer(trainer)
+            if self.log_diagnostics and opt.collector is not None:
+                opt.collector.timed = True
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for opt in self._attached:
+            opt.detach()
+            opt.statistics_reducer = None
+        self._attached.clear()
+
+    def _make_reducer(self, trainer: pl.Trainer):
+        strategy = trainer.strategy
+        inner = make_reducer(
+            lambda t: strategy.reduce(t, reduce_op="sum"),
+            lambda: strategy.root_device,
+            trainer.world_size,
+        )
+
+        def timed(layers: list[BoundLayer], pending: dict[str, PendingStats]):
+            start = time.perf_counter()
+            out = inner(layers, pending)
+            self._comm_seconds += time.perf_counter() - start
+            return out
+
+        return timed
+
+    # --- every optimizer step -----------------------------------------------------------------
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        opt = _unwrap(optimizer)
+        if not isinstance(opt, AdaFisher):
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            # The hooks saw G of the scaled loss; keep the scale on device (no sync).
+            scale = getattr(scaler, "_scale", None)
+            opt.statistics_grad_scale = scale if scale is not None else scaler.get_scale()
+        self._steps_before[id(opt)] = opt.state[GLOBAL].get(GLOBAL_STEPS, 0)  # type: ignore[index]
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        for optimizer in trainer.optimizers:
+            opt = _unwrap(optimizer)
+            before = self._steps_before.pop(id(opt), None)
+            if before is None or not isinstance(opt, AdaFisher):
+                continue
+            after = opt.state[GLOBAL].get(GLOBAL_STEPS, 0)  # type: ignore[index]
+            statistics_step = opt._is_statistics_step(before + 1)
+            if after == before:
+                # The step was due but did not run (GradScaler found inf/NaN gradients).
+                opt.discard_statistics()
+                self._discarded += statistics_step
+            self._statistics_steps += statistics_step
+            if self.log_diagnostics and statistics_step:
+                self._log(pl_module, opt)
+
+    # --- diagnostics --------------------------------------------------------------------------
+
+    def _log(self, pl_module: pl.LightningModule, opt: AdaFisher) -> None:
+        by_type: dict[str, list[torch.Tensor]] = defaultdict(list)
+        collector = opt.collector
+        if collector is None:
+            return
+        for layer in collector.layers:
+            factors = opt._normalised_factors(layer.primary)
+            if factors is not None:
+                kind = type(layer.module).__name__
+                by_type[f"{kind}/H"].append(factors[0].float())
+                by_type[f"{kind}/S"].append(factors[1].float())
+        metrics: dict[str, Any] = {}
+        for key, vectors in by_type.items():
+            flat = torch.cat(vectors)
+            metrics[f"adafisher/{key}_min"] = flat.min()
+            metrics[f"adafisher/{key}_max"] = flat.max()
+            metrics[f"adafisher/{key}_mean"] = flat.mean()
+        skipped = opt.state[GLOBAL].get(GLOBAL_SKIPPED, {})  # type: ignore[index]
+        metrics["adafisher/discarded_step_fraction"] = self._discarded / max(self._statistics_steps, 1)
+        metrics["adafisher/nonfinite_layer_skips"] = float(sum(skipped.values()))
+        metrics["adafisher/collect_seconds"] = collector.seconds
+        metrics["adafisher/communicate_seconds"] = self._comm_seconds
+        collector.seconds = 0.0
+        self._comm_seconds = 0.0
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+

@@ -1,0 +1,110 @@
+"""Averaging statistics across data-parallel ranks: one all-reduce of one flat buffer per step.
+
+The only module that touches ``torch.distributed``; everything works uninitialised. The buffer
+has a fixed layout on every rank, decided by the bound layers alone (the same model on every
+rank): for each layer ``[h_total (len H), h_count, s_total (len S), s_count]``. A layer that a
+rank did not use contributes zeros, so no rank waits for a collective the others skip and the
+pooled mean ``Σ totals / Σ counts`` only counts ranks that saw the layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from lightning_adafisher.functional import stats_dtype
+from lightning_adafisher.statistics import BoundLayer, PendingStats
+
+__all__ = ["pack", "unpack", "make_reducer", "torch_distributed_all_reduce_sum"]
+
+
+def _buffer_dtype(layers: list[BoundLayer]) -> torch.dtype:
+    dtype = torch.float32
+    for layer in layers:
+        dtype = torch.promote_types(dtype, stats_dtype(layer.primary.dtype))
+    return dtype
+
+
+def pack(
+    layers: list[BoundLayer], pending: dict[str, PendingStats], device: torch.device
+) -> Tensor:
+    """Lay the pending statistics out in one flat buffer (zeros where a layer saw nothing)."""
+    dtype = _buffer_dtype(layers)
+    parts: list[Tensor] = []
+    for layer in layers:
+        n_h, n_s = layer.sizes
+        stats = pending.get(layer.name)
+        for total, count, n in (
+            (stats.h_total if stats else None, stats.h_count if stats else 0.0, n_h),
+            (stats.s_total if stats else None, stats.s_count if stats else 0.0, n_s),
+        ):
+            if total is None:
+                parts.append(torch.zeros(n + 1, dtype=dtype, device=device))
+            else:
+                parts.append(total.to(device=device, dtype=dtype))
+                parts.append(torch.full((1,), count, dtype=dtype, device=device))
+    return torch.cat(parts)
+
+
+def unpack(layers: list[BoundLayer], buffer: Tensor) -> dict[str, PendingStats]:
+    """Inverse of :func:`pack`; layers with a zero count on every rank are left out.
+
+    Counts are read on the host: they are shape-derived integers, and the fold needs them as
+    divisors. This is one small device-to-host copy per statistics step.
+    """
+    pending: dict[str, PendingStats] = {}
+    offsets = []
+    offset = 0
+    for layer in layers:
+        n_h, n_s = layer.sizes
+        offsets.append((offset, n_h, offset + n_h + 1, n_s))
+        offset += n_h + n_s + 2
+    if offset != buffer.numel():
+        raise RuntimeError(
+            f"statistics buffer has {buffer.numel()} entries, the layout expects {offset}: "
+            "the ranks do not hold the same model"
+        )
+    count_index = [i for h0, n_h, s0, n_s in offsets for i in (h0 + n_h, s0 + n_s)]
+    counts = buffer[count_index].tolist()
+    for k, (layer, (h0, n_h, s0, n_s)) in enumerate(zip(layers, offsets)):
+        h_count, s_count = counts[2 * k], counts[2 * k + 1]
+        if h_count > 0 and s_count > 0:
+            pending[layer.name] = PendingStats(
+                buffer[h0 : h0 + n_h], h_count, buffer[s0 : s0 + n_s], s_count
+            )
+    return pending
+
+
+def make_reducer(
+    all_reduce_sum: Callable[[Tensor], Tensor],
+    device: torch.device | Callable[[], torch.device],
+    world_size: int,
+) -> Callable[[list[BoundLayer], dict[str, PendingStats]], dict[str, PendingStats]]:
+    """A statistics reducer for :attr:`AdaFisher.statistics_reducer` from a sum all-reduce.
+
+    Each rank's hooks see ``G`` of its *local* loss, which DDP's gradient averaging turns into
+    ``1/world_size`` of the gradient of the global loss. ``s`` is therefore divided by
+    ``world_size²``, so that N ranks of B samples give exactly the statistics of one batch of
+    N·B (``h`` needs nothing: inputs are not scaled).
+    """
+    s_scale = 1.0 / float(world_size) ** 2
+
+    def reduce(layers: list[BoundLayer], pending: dict[str, PendingStats]) -> dict[str, PendingStats]:
+        dev = device() if callable(device) else device
+        pooled = unpack(layers, all_reduce_sum(pack(layers, pending, dev)))
+        for stats in pooled.values():
+            stats.s_total = stats.s_total * s_scale  # type: ignore[operator]
+        return pooled
+
+    return reduce
+
+
+def torch_distributed_all_reduce_sum(tensor: Tensor) -> Tensor:
+    """``dist.all_reduce(SUM)`` when a process group is initialised, else the identity."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

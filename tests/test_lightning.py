@@ -1,0 +1,393 @@
+"""AdaFisher inside Lightning: accumulation, DDP, AMP, resume, manual optimization, mixin, CLI."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
+
+from lightning_adafisher import AdaFisherCallback, AdaFisherW
+from tests.lightning_helpers import (
+    HP, MixinConvModule, MLPModule, conv_data, make_data, make_mlp,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainer(tmp_path=None, **kw) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, max_epochs=2,
+    )
+    if tmp_path is not None:
+        defaults["default_root_dir"] = str(tmp_path)
+    defaults.update(kw)
+    return pl.Trainer(**defaults)
+
+
+def plain_full_batch(epochs: int = 2, batch: int = 8, variant: str = "paper", interval: int = 1):
+    """The same training in plain PyTorch with batches of 8 (the ground truth)."""
+    model = make_mlp()
+    opt = AdaFisherW(model, update_interval=interval, variant=variant, **HP)
+    for _ in range(epochs):
+        for x, y in DataLoader(make_data(32), batch_size=batch):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model
+
+
+def _assert_same_params(a: dict, b: dict, atol: float = 1e-9) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def _net_state(module) -> dict:
+    return {k.removeprefix("net."): v for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_accumulation_equals_full_batch(variant):
+    module = MLPModule(variant=variant)
+    trainer = _trainer(precision="64-true", accumulate_grad_batches=2, callbacks=[AdaFisherCallback()])
+    trainer.fit(module, DataLoader(make_data(32), batch_size=4))
+    expected = plain_full_batch(variant=variant)
+    _assert_same_params(_net_state(module), expected.state_dict())
+    opt = trainer.optimizers[0]
+    assert opt.state["adafisher"]["steps"] == 8
+    assert opt.state[module.net[0].weight]["factor_updates"] == 8
+
+
+def test_hooks_removed_after_fit():
+    module = MLPModule()
+    trainer = _trainer(precision="64-true", max_epochs=1, callbacks=[AdaFisherCallback()])
+    trainer.fit(module, DataLoader(make_data(8), batch_size=4))
+    assert all(len(m._forward_hooks) == 0 for m in module.modules())
+
+
+def test_callback_without_adafisher_optimizer_is_an_error():
+    class AdamModule(MLPModule):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters())
+
+    trainer = _trainer(precision="64-true", callbacks=[AdaFisherCallback()])
+    with pytest.raises(MisconfigurationException, match=r"found no AdaFisher/AdaFisherW among the trainer's optimizers \(found: Adam\)"):
+        trainer.fit(AdamModule(), DataLoader(make_data(8), batch_size=4))
+
+
+def test_sharded_strategies_are_refused():
+    FSDPStrategy = type("FSDPStrategy", (), {})
+    trainer = type("T", (), {"strategy": FSDPStrategy()})()
+    with pytest.raises(MisconfigurationException, match="does not support the sharded strategy FSDPStrategy"):
+        AdaFisherCallback().setup(trainer, None, "fit")
+
+
+def test_adafisher_without_callback_warns():
+    trainer = _trainer(precision="64-true", max_epochs=1)
+    with pytest.warns(UserWarning, match="AdaFisher has no statistics hooks"):
+        trainer.fit(MLPModule(), DataLoader(make_data(8), batch_size=4))
+
+
+# --- checkpoint and resume -------------------------------------------------------------------
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    def module():
+        return MixinConvModule(update_interval=3, gamma=0.8, weight_decay=1e-2, no_decay_bias_and_norm=True)
+
+    loader = lambda: DataLoader(conv_data(40), batch_size=8)  # 5 steps/epoch: interval phase shifts  # noqa: E731
+    straight = module()
+    _trainer(precision="64-true", max_epochs=2).fit(straight, loader())
+
+    class StopAfterFirstEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    first = module()  # same max_epochs (the cosine schedule's length), stopped after epoch 1
+    t1 = _trainer(tmp_path, precision="64-true", max_epochs=2, callbacks=[StopAfterFirstEpoch()])
+    t1.fit(first, loader())
+    assert t1.optimizers[0].state["adafisher"]["steps"] == 5
+    ckpt = tmp_path / "epoch1.ckpt"
+    t1.save_checkpoint(ckpt)
+
+    resumed = MixinConvModule(seed=99, update_interval=3, gamma=0.8, weight_decay=1e-2, no_decay_bias_and_norm=True)
+    t2 = _trainer(tmp_path, precision="64-true", max_epochs=2)
+    t2.fit(resumed, loader(), ckpt_path=str(ckpt))
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), (k, (a - b).abs().max().item())
+    opt = t2.optimizers[0]
+    assert opt.state["adafisher"]["steps"] == 10
+    assert opt.state[resumed.net.conv.weight]["factor_updates"] == 4  # steps 1, 4, 7, 10
+
+
+def test_checkpoint_holds_factors_keyed_like_torch(tmp_path):
+    module = MixinConvModule(scheduler="none")
+    trainer = _trainer(tmp_path, precision="64-true", max_epochs=1)
+    trainer.fit(module, DataLoader(conv_data(16), batch_size=8))
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    ckpt = torch.load(tmp_path / "c.ckpt", weights_only=False)
+    state = ckpt["optimizer_states"][0]["state"]
+    assert state["adafisher"]["steps"] == 2
+    assert "factor_h" in state[0] and "factor_s" in state[0]  # net.conv.weight is parameter 0
+
+
+# --- mixed precision -------------------------------------------------------------------------
+
+
+class _AmpModule(MLPModule):
+    def __init__(self, overflow_at: int | None = None):
+        super().__init__()
+        self.net = self.net.float()
+        self.overflow_at = overflow_at
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x.float()), y)
+        if batch_idx == self.overflow_at:
+            loss = loss * float("inf")
+        return loss
+
+
+class _Snapshot(pl.Callback):
+    """Factor state after each batch."""
+
+    def __init__(self):
+        self.factors = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        self.factors.append(
+            {k: opt.state[pl_module.net[0].weight][k].clone() for k in ("factor_h", "factor_s")}
+        )
+
+
+def _amp_run(precision_plugin_or_str, overflow_at=None, batches=3):
+    module = _AmpModule(overflow_at)
+    snap = _Snapshot()
+    kw = dict(plugins=[precision_plugin_or_str]) if not isinstance(precision_plugin_or_str, str) else dict(precision=precision_plugin_or_str)
+    trainer = _trainer(max_epochs=1, callbacks=[AdaFisherCallback(), snap], **kw)
+    trainer.fit(module, DataLoader(make_data(8 * batches, dtype=torch.float32), batch_size=8))
+    return module, trainer, snap
+
+
+def test_16_mixed_statistics_match_fp32_up_to_rounding():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    _, _, amp = _amp_run(MixedPrecision("16-mixed", "cpu", scaler))
+    _, _, fp32 = _amp_run("32-true")
+    for a, b in zip(amp.factors, fp32.factors):
+        # raw (un-normalised) factors: without unscaling, s would be 2^28 times larger
+        torch.testing.assert_close(a["factor_s"], b["factor_s"], rtol=2e-2, atol=0)
+        torch.testing.assert_close(a["factor_h"], b["factor_h"], rtol=2e-2, atol=0)
+
+
+def test_16_mixed_overflow_step_leaves_factors_untouched():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    _, trainer, snap = _amp_run(MixedPrecision("16-mixed", "cpu", scaler), overflow_at=1, batches=4)
+    opt = trainer.optimizers[0]
+    assert opt.state["adafisher"]["steps"] == 3  # the overflow step was skipped
+    for k in ("factor_h", "factor_s"):
+        assert torch.equal(snap.factors[1][k], snap.factors[0][k])  # untouched by the skipped step
+        assert not torch.equal(snap.factors[2][k], snap.factors[1][k])  # the next step folds again
+    assert opt.collector is None or opt.collector.pending == {}
+    assert opt.state["adafisher"]["skipped_statistics"] == {}  # discarded, never folded
+
+
+def test_bf16_mixed_trains_with_float32_factors():
+    module, trainer, snap = _amp_run("bf16-mixed", batches=4)
+    assert all(f["factor_s"].dtype == torch.float32 for f in snap.factors)
+    assert all(torch.isfinite(f["factor_s"]).all() for f in snap.factors)
+    assert trainer.optimizers[0].state["adafisher"]["steps"] == 4
+
+
+def test_gradient_clipping_happens_before_preconditioning():
+    module = MLPModule()
+    trainer = _trainer(precision="64-true", max_epochs=1, gradient_clip_val=1e-3, callbacks=[AdaFisherCallback()])
+    trainer.fit(module, DataLoader(make_data(8), batch_size=8))
+    # one step: m̂ = g (clipped); the first moment holds (1-β)·g_clipped
+    opt = trainer.optimizers[0]
+    moments = [opt.state[p]["exp_avg"] / (1 - 0.9) for p in module.parameters()]
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m) for m in moments])) == pytest.approx(1e-3, rel=1e-5)  # clip_grad_norm_ divides by (norm + 1e-6)
+
+
+# --- manual optimization ---------------------------------------------------------------------
+
+
+class _ManualModule(MLPModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        for xs, ys in ((x[:4], y[:4]), (x[4:], y[4:])):  # accumulate two halves, then step
+            self.manual_backward(F.cross_entropy(self(xs), ys) / 2)
+        opt.step()
+        opt.zero_grad()
+
+
+def test_manual_optimization_equals_plain():
+    module = _ManualModule()
+    _trainer(precision="64-true", callbacks=[AdaFisherCallback()]).fit(module, DataLoader(make_data(32), batch_size=8))
+    _assert_same_params(_net_state(module), plain_full_batch().state_dict())
+
+
+# --- mixin -----------------------------------------------------------------------------------
+
+
+def test_mixin_configures_adafisherw_cosine_groups_and_callback():
+    module = MixinConvModule(lr=0.02, weight_decay=0.1, gamma=0.9, no_decay_bias_and_norm=True)
+    trainer = _trainer(precision="64-true", max_epochs=1)
+    trainer.fit(module, DataLoader(conv_data(32), batch_size=8))
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, AdaFisherW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert all(g["gamma"] == 0.9 for g in opt.param_groups)
+    no_decay = {id(p) for p in opt.param_groups[1]["params"]}
+    assert id(module.net.conv.bias) in no_decay and id(module.net.bn.weight) in no_decay
+    assert id(module.net.conv.weight) not in no_decay
+    assert any(isinstance(c, AdaFisherCallback) for c in trainer.callbacks)
+    assert opt.state[module.net.conv.weight]["factor_updates"] == 4
+    # cosine over 4 steps: lr after 4 steps is 0.02 · (1 + cos(π)) / 2 = 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mixin_rejects_unknown_scheduler():
+    with pytest.raises(ValueError, match="Invalid scheduler: 'step'"):
+        MixinConvModule(scheduler="step")
+
+
+def test_diagnostics_are_logged(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = MLPModule()
+    trainer = _trainer(
+        precision="64-true", max_epochs=1, logger=CSVLogger(tmp_path), log_every_n_steps=1,
+        callbacks=[AdaFisherCallback(log_diagnostics=True)],
+    )
+    trainer.fit(module, DataLoader(make_data(16), batch_size=8))
+    text = next(Path(tmp_path).rglob("metrics.csv")).read_text()
+    header = text.splitlines()[0].split(",")
+    for key in ("adafisher/Linear/H_min", "adafisher/Linear/S_max", "adafisher/discarded_step_fraction",
+                "adafisher/collect_seconds", "adafisher/communicate_seconds"):
+        assert key in header
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_yaml_with_class_path_adafisherw(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"""
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 3
+  logger: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+model:
+  class_path: tests.lightning_helpers.NoOptModule
+  init_args:
+    hidden: 12
+data:
+  class_path: tests.lightning_helpers.TinyData
+optimizer:
+  class_path: lightning_adafisher.AdaFisherW
+  init_args:
+    lr: 0.01
+    weight_decay: 0.001
+    update_interval: 2
+"""
+    )
+    exe = Path(sys.executable).with_name("lightning-adafisher")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([str(exe), "fit", "--config", str(config)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
+    state = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    assert state["param_groups"][0]["update_interval"] == 2
+    assert state["state"]["adafisher"]["steps"] == 3
+    # the callback was added by the CLI: the first Linear's weight has folded factors (steps 1, 3)
+    assert state["state"][0]["factor_updates"] == 2
+    assert "AdaFisher has no statistics hooks" not in run.stderr
+
+
+# --- data parallel (subprocesses) ------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load_ranks(out: Path) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def _run_ddp(out: Path, *extra: str) -> None:
+    env = dict(os.environ, MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests/scripts/ddp_train.py"), str(out), "--devices", "2", *extra],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.distributed
+def test_ddp_two_ranks_equal_full_batch(tmp_path):
+    _run_ddp(tmp_path / "sync")
+    ranks = _load_ranks(tmp_path / "sync")
+    expected = plain_full_batch().state_dict()
+    for rank in ranks:
+        _assert_same_params({k.removeprefix("net."): v for k, v in rank.items()}, expected)
+
+
+@pytest.mark.distributed
+def test_ddp_without_factor_sync_diverges(tmp_path):
+    _run_ddp(tmp_path / "nosync", "--no-factor-sync")
+    r0, r1 = _load_ranks(tmp_path / "nosync")
+    expected = plain_full_batch().state_dict()
+    assert any(not torch.allclose(r0[k], r1[k], atol=1e-6) for k in r0)
+    assert any(not torch.allclose(r0[k], expected[k.removeprefix("net.")], atol=1e-6) for k in r0)
+
+
+@pytest.mark.distributed
+def test_two_nodes_over_loopback_with_torchrun(tmp_path):
+    port = str(_free_port())
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    procs = [
+        subprocess.Popen(
+            [str(torchrun), "--nnodes=2", "--nproc_per_node=1", f"--node_rank={r}",
+             "--master_addr=127.0.0.1", f"--master_port={port}",
+             str(ROOT / "tests/scripts/ddp_train.py"), str(tmp_path / "nodes"),
+             "--devices", "1", "--num-nodes", "2"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    r0, r1 = _load_ranks(tmp_path / "nodes")
+    expected = plain_full_batch().state_dict()
+    for rank in (r0, r1):
+        _assert_same_params({k.removeprefix("net."): v for k, v in rank.items()}, expected)
