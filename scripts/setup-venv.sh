@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pipq() { .venv/bin/python -m pip install -q "$@" >.venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }; }
   pipq --upgrade pip
   pipq $TORCH
-  pipq -e ".[test,cli,recipes,docs]"
+  pipq -e ".[test,cli,recipes,docs,diagnostics]"
   .venv/bin/python -c "import torch, torchvision, lightning, lightning_adafisher" 
   echo "$want" > "$stamp"
 fi
