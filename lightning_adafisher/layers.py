@@ -12,11 +12,15 @@ matching type wins, so users can override the built-ins or add their own::
     class MyLinearHelper(LayerHelper): ...
     register_layer_helper(MyLinear, MyLinearHelper())
 
-Modules with no helper keep the identity preconditioner (see :mod:`lightning_adafisher.optim`).
+``transformers``' ``Conv1D`` (GPT-1/GPT-2 projections, weight ``[in, out]``) gets a helper as soon
+as ``transformers`` has been imported. Modules with no helper keep the identity preconditioner (see :mod:`lightning_adafisher.optim`).
 """
 
 from __future__ import annotations
 
+import sys
+
+import torch
 from torch import Tensor, nn
 
 from lightning_adafisher import functional as fn
@@ -27,6 +31,8 @@ __all__ = [
     "Conv2dHelper",
     "BatchNormHelper",
     "LayerNormHelper",
+    "EmbeddingHelper",
+    "TransposedLinearHelper",
     "register_layer_helper",
     "layer_helper_for",
 ]
@@ -148,12 +154,70 @@ class LayerNormHelper(BatchNormHelper):
         return fn.layernorm_output_stats(g)
 
 
+class EmbeddingHelper(LayerHelper):
+    """``nn.Embedding`` — an extension beyond the paper (its embeddings stay on the identity).
+
+    An embedding lookup is a Linear layer applied to one-hot rows, so its Kronecker factors are
+    ``h[v]`` = the frequency of token ``v`` among the batch's tokens (the mean of the one-hot
+    squares) and ``s`` = the mean of ``G²`` over tokens. The weight is laid out ``[vocab, dim]``,
+    i.e. input side first: ``F[v, d] = H'[v]·S'[d] + λ``.
+    """
+
+    roles = ("weight",)
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        return module.num_embeddings, module.embedding_dim
+
+    def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
+        ids = x.reshape(-1)
+        counts = torch.bincount(ids, minlength=module.num_embeddings)
+        return counts.to(fn.stats_dtype(module.weight.dtype)), float(ids.numel())
+
+    def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
+        return fn.linear_output_stats(g)
+
+    def denominator(
+        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor,
+        damping: float,
+    ) -> Tensor:
+        return fn.kron_denominator(h_norm, s_norm, damping, param.shape, bias=False)
+
+
+class TransposedLinearHelper(LinearHelper):
+    """Linear layers whose weight is laid out ``[in, out]`` (``transformers``' ``Conv1D``, used
+    by GPT-1/GPT-2): ``y = x @ W + b``. ``F[i, o] = H'[i]·S'[o] + λ``."""
+
+    def factor_sizes(self, module: nn.Module) -> tuple[int, int]:
+        d_in, d_out = module.weight.shape
+        return d_in + (module.bias is not None), d_out
+
+    def denominator(
+        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor,
+        damping: float,
+    ) -> Tensor:
+        if role == "bias":
+            return fn.kron_denominator(s_norm, h_norm, damping, param.shape, bias=True)
+        return fn.kron_denominator(h_norm[: param.shape[0]], s_norm, damping, param.shape, bias=False)
+
+
 _REGISTRY: list[tuple[type[nn.Module], LayerHelper]] = [
     (nn.Linear, LinearHelper()),
     (nn.Conv2d, Conv2dHelper()),
     (nn.modules.batchnorm._BatchNorm, BatchNormHelper()),
     (nn.LayerNorm, LayerNormHelper()),
+    (nn.Embedding, EmbeddingHelper()),
 ]
+_OPTIONAL_DONE: set[str] = set()
+
+
+def _register_optional_helpers() -> None:
+    """Helpers for layer types of optional libraries, registered once the library is imported
+    (a model built from it implies it is), so this module never imports them itself."""
+    if "transformers" not in _OPTIONAL_DONE and "transformers.pytorch_utils" in sys.modules:
+        _OPTIONAL_DONE.add("transformers")
+        conv1d = getattr(sys.modules["transformers.pytorch_utils"], "Conv1D", None)
+        if isinstance(conv1d, type) and issubclass(conv1d, nn.Module):
+            _REGISTRY.append((conv1d, TransposedLinearHelper()))
 
 
 def register_layer_helper(module_type: type[nn.Module], helper: LayerHelper) -> None:
@@ -167,6 +231,7 @@ def register_layer_helper(module_type: type[nn.Module], helper: LayerHelper) -> 
 
 def layer_helper_for(module: nn.Module) -> LayerHelper | None:
     """The helper of the most recently registered type ``module`` is an instance of, or None."""
+    _register_optional_helpers()
     for module_type, helper in _REGISTRY:
         if isinstance(module, module_type):
             return helper

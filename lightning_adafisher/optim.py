@@ -219,7 +219,7 @@ class AdaFisher(Optimizer):
         if not layers:
             warnings.warn(
                 f"AdaFisher: {type(model).__name__} has no supported layer (Linear, Conv2d, "
-                "BatchNorm, LayerNorm or a registered helper); every parameter uses the identity "
+                "BatchNorm, LayerNorm, Embedding or a registered helper); every parameter uses the identity "
                 "preconditioner",
                 stacklevel=2,
             )
