@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_adafisher.callbacks import AdaFisherCallback
 from lightning_adafisher.optim import AdaFisher
@@ -35,7 +36,24 @@ def _configured_class(value: Any) -> type | None:
 
 
 class AdaFisherCLI(LightningCLI):
-    """LightningCLI that adds ``AdaFisherCallback`` when an AdaFisher optimizer is configured."""
+    """LightningCLI that adds ``AdaFisherCallback`` when an AdaFisher optimizer is configured,
+    and after ``fit`` tests at the best checkpoint (``--test_after_fit false`` to skip)."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True,
+            help="after fit, run the test loop at the best checkpoint (if the data has a test split)",
+        )
+
+    def after_fit(self) -> None:
+        if not self._get(self.config, "test_after_fit", default=False):
+            return
+        datamodule = self.datamodule
+        if datamodule is None or not is_overridden("test_dataloader", datamodule):
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        self.trainer.test(self.model, datamodule=datamodule, ckpt_path="best" if best else None)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         optimizer_cls = _configured_class(self._get(self.config_init, "optimizer"))
