@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_adafisher.callbacks import AdaFisherCallback
 from lightning_adafisher.optim import AdaFisher
 
-__all__ = ["AdaFisherCLI", "main"]
+__all__ = ["AdaFisherCLI", "main", "run_cli"]
 
 
 def _configured_class(value: Any) -> type | None:
@@ -45,6 +45,15 @@ class AdaFisherCLI(LightningCLI):
             help="after fit, run the test loop at the best checkpoint (if the data has a test split)",
         )
 
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        # LightningCLI builds the YAML's optimizer from model.parameters() right here, before
+        # the Trainer exists: a model whose size depends on the data (CausalLM's vocabulary)
+        # must be built first.
+        build = getattr(self.model, "build_from_datamodule", None)
+        if callable(build) and self.datamodule is not None:
+            build(self.datamodule)
+        super()._add_configure_optimizers_method_to_model(subcommand)
+
     def after_fit(self) -> None:
         if not self._get(self.config, "test_after_fit", default=False):
             return
@@ -67,20 +76,27 @@ class AdaFisherCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["bench"]:
-        from lightning_adafisher.bench import main as bench_main
-
-        bench_main(args[1:])
-        return
-    AdaFisherCLI(
+def run_cli(argv: list[str] | None = None) -> AdaFisherCLI:
+    """Run the LightningCLI and return it (its ``trainer`` and ``model``), for Python callers."""
+    return AdaFisherCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=True,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: ``bench ...`` or a LightningCLI subcommand."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["diagnostics"]: return __import__("lightning_adafisher.diagnostics.commands", fromlist=["main"]).main(args[1:])  # noqa: E701,E501
+    if args[:1] == ["bench"]:
+        from lightning_adafisher.bench import main as bench_main
+
+        bench_main(args[1:])
+        return
+    run_cli(argv)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ data:
     text += _line("dataset", dataset, "str: wikitext2 | ptb")
     text += """    root: data/text                 # str: see recipes/README.md for the expected layout
     tokenizer_path: null            # str|null: GPT-1 BPE (vocab.json + merges.txt); null = train a BPE
-    vocab_size: 8000                # int: size of the BPE trained when tokenizer_path is null
+    bpe_vocab_size: 8000            # int: size of the BPE trained when tokenizer_path is null
     context_length: 256             # int: must equal model.context_length
     batch_size: 32                  # int: D.3.3
 """

@@ -59,10 +59,18 @@ class CausalLM(pl.LightningModule):
         if hp.pretrained_embeddings:
             self.net.load_pretrained_embeddings(hp.pretrained_embeddings, freeze=hp.freeze_pretrained)
 
+    def build_from_datamodule(self, datamodule: object) -> None:
+        """Build the network with ``datamodule.vocab_size`` if it was not built yet (called by
+        the CLI before it creates the optimizer from ``model.parameters()``)."""
+        if self.net is None:
+            self._build_from(datamodule)
+
     def configure_model(self) -> None:
-        if self.net is not None:
-            return
-        vocab = getattr(getattr(self.trainer, "datamodule", None), "vocab_size", None)
+        if self.net is None:
+            self._build_from(getattr(self.trainer, "datamodule", None))
+
+    def _build_from(self, datamodule: object) -> None:
+        vocab = getattr(datamodule, "vocab_size", None)
         if not isinstance(vocab, int):
             raise ValueError(
                 "CausalLM needs vocab_size: pass model.vocab_size or use a data module with a "
