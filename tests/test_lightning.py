@@ -361,6 +361,25 @@ def test_ddp_two_ranks_equal_full_batch(tmp_path):
 
 
 @pytest.mark.distributed
+def test_single_device_checkpoint_resumes_under_ddp(tmp_path):
+    """Epoch 1 on one device (batches of 8), epoch 2 on two ranks (4 + 4): the plain 2 epochs."""
+
+    class StopAfterFirstEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    module = MLPModule()
+    trainer = _trainer(tmp_path, precision="64-true", max_epochs=2,
+                       callbacks=[AdaFisherCallback(), StopAfterFirstEpoch()])
+    trainer.fit(module, DataLoader(make_data(32), batch_size=8))
+    trainer.save_checkpoint(tmp_path / "single.ckpt")
+    _run_ddp(tmp_path / "resumed", "--ckpt", str(tmp_path / "single.ckpt"))
+    expected = plain_full_batch().state_dict()
+    for rank in _load_ranks(tmp_path / "resumed"):
+        _assert_same_params({k.removeprefix("net."): v for k, v in rank.items()}, expected)
+
+
+@pytest.mark.distributed
 def test_ddp_without_factor_sync_diverges(tmp_path):
     _run_ddp(tmp_path / "nosync", "--no-factor-sync")
     r0, r1 = _load_ranks(tmp_path / "nosync")

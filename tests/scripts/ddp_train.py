@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--variant", default="paper")
     parser.add_argument("--no-factor-sync", action="store_true")
+    parser.add_argument("--ckpt", default=None, help="resume from this checkpoint")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -56,7 +57,7 @@ def main() -> None:
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         callbacks=[NoSync() if args.no_factor_sync else AdaFisherCallback()],
     )
-    trainer.fit(model, datamodule=RankData())
+    trainer.fit(model, datamodule=RankData(), ckpt_path=args.ckpt)
     os.makedirs(args.out, exist_ok=True)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(state, os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
