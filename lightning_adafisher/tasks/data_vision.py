@@ -243,7 +243,31 @@ def _cifar_dataset_class(dataset: str, verify_checksums: bool) -> type:
     return _PresenceChecked
 
 
-class CIFARDataModule(LightningDataModule):
+class _SplitDataModule(LightningDataModule):
+    """Loaders over the ``train_set``/``val_set``/``test_set`` a subclass builds in ``setup``
+    (shuffled training order seeded by ``seed``)."""
+
+    batch_size: int
+    num_workers: int
+    seed: int
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return _loader(self.val_set, self.batch_size, self.num_workers, shuffle=False, seed=None)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return _loader(self.test_set, self.batch_size, self.num_workers, shuffle=False, seed=None)
+
+
+class CIFARDataModule(_SplitDataModule):
     """CIFAR-10 or CIFAR-100 in torchvision's on-disk format (the "python version" archives).
 
     Expects ``root/cifar-10-batches-py/`` (``data_batch_1`` … ``data_batch_5``, ``test_batch``,
@@ -384,17 +408,6 @@ class CIFARDataModule(LightningDataModule):
         if not held_out:
             self.val_set = self.test_set
 
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return _loader(self.val_set, self.batch_size, self.num_workers, shuffle=False, seed=None)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return _loader(self.test_set, self.batch_size, self.num_workers, shuffle=False, seed=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +561,7 @@ class ImageNetDataModule(LightningDataModule):
 # ---------------------------------------------------------------------------------------------
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(_SplitDataModule):
     """scikit-learn's handwritten digits: 1,797 real 8x8 grey images of 0–9, shipped with
     scikit-learn, so it runs offline in seconds (the quickstart recipe's data).
 
@@ -612,14 +625,3 @@ class DigitsDataModule(LightningDataModule):
         self.test_set = TensorDataset(images[test_idx], labels[test_idx])
         self.val_set = TensorDataset(images[val_idx], labels[val_idx]) if len(val_idx) else self.test_set
 
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return _loader(self.val_set, self.batch_size, self.num_workers, shuffle=False, seed=None)
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return _loader(self.test_set, self.batch_size, self.num_workers, shuffle=False, seed=None)
