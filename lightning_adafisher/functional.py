@@ -19,8 +19,9 @@ Shape conventions
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,21 @@ def conv2d_padding(
     return (pw, pw, ph, ph)
 
 
+@functools.lru_cache(maxsize=512)
+def _window_selector(
+    n: int, k: int, positions: int, stride: int, dilation: int, before: int,
+    dtype: torch.dtype, device: torch.device,
+) -> Tensor:
+    """0/1 matrix ``A[i, y]`` = 1 where input coordinate ``y`` (of ``n``) is read by kernel
+    offset ``i`` at one of the ``positions`` output positions (``before``: zero padding)."""
+    i = torch.arange(k).unsqueeze(1)
+    y = i * dilation + torch.arange(positions).unsqueeze(0) * stride - before
+    valid = (y >= 0) & (y < n)
+    a = torch.zeros(k, n, dtype=dtype)
+    a[i.expand_as(y)[valid], y[valid]] = 1.0
+    return a.to(device)
+
+
 def conv2d_input_stats(
     x: Tensor,
     kernel_size: Sequence[int],
@@ -119,11 +135,13 @@ def conv2d_input_stats(
     """Diagonal of the im2col second moment, without building im2col (SPEC §3, §7).
 
     ``h[c, i, j] = Σ_b Σ_positions x_pad[b, c, p_h·s_h + i·d_h, p_w·s_w + j·d_w]²``: square and
-    sum the input over the batch (and over groups, whose patches are stacked as rows), pad with
-    the layer's own padding mode (padding is an index mapping, so it commutes with squaring and
-    summing), then take one strided window sum per kernel offset. The window sums are a
-    convolution of the summed ``x²`` with a ones kernel of the output's size, with the layer's
-    dilation as stride and its stride as dilation.
+    sum the input over the batch (and over groups, whose patches are stacked as rows); padding
+    is an index mapping, so it commutes with squaring and summing. The window sums are
+    separable: with ``A[i, y] = 1`` where row ``y`` is read by kernel row ``i`` at some output
+    position (and ``B`` likewise for columns), ``h[c] = A · Σ_b x[b, c]² · Bᵀ`` — two thin
+    matmuls over the batch-summed ``x²``, ~10× faster on CPU than the equivalent conv with a
+    ones kernel (docs/performance.md). Zero padding is folded into ``A``/``B`` (padded
+    entries are zero); other padding modes pad the summed ``x²`` first.
 
     Returns the total over rows (ones column last if ``bias``) and the count: the number of rows
     ``B·L·groups``, or with ``reference_normaliser`` the released code's ``B·L·(C_in/groups)·kh·kw``.
@@ -137,15 +155,16 @@ def conv2d_input_stats(
     xs = _as_stats(x).square().sum(0)
     if groups > 1:
         xs = xs.view(groups, c_group, *xs.shape[1:]).sum(0)
-    if any(padding):
-        mode = "constant" if padding_mode == "zeros" else padding_mode
-        xs = F.pad(xs, padding, mode=mode)
-    hp, wp = xs.shape[-2:]
-    lh = (hp - dh * (kh - 1) - 1) // sh + 1
-    lw = (wp - dw * (kw - 1) - 1) // sw + 1
-    ones = xs.new_ones((1, 1, lh, lw))
-    windows = F.conv2d(xs.unsqueeze(1), ones, stride=(dh, dw), dilation=(sh, sw))
-    total = windows[:, 0, :kh, :kw].reshape(-1)
+    left, right, top, bottom = padding
+    if any(padding) and padding_mode != "zeros":
+        xs = F.pad(xs, padding, mode=padding_mode)
+        left = right = top = bottom = 0
+    h, w = xs.shape[-2:]
+    lh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    lw = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    rows_sel = _window_selector(h, kh, lh, sh, dh, top, xs.dtype, xs.device)
+    cols_sel = _window_selector(w, kw, lw, sw, dw, left, xs.dtype, xs.device)
+    total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
     rows = b * lh * lw * groups
     if bias:
         total = torch.cat((total, total.new_full((1,), float(rows))))
@@ -275,19 +294,33 @@ def fold_reference(factor: Tensor | None, stat: Tensor, gamma: float, ok: Tensor
 
 
 def kron_denominator(
-    s_norm: Tensor, h_norm: Tensor, damping: float, shape: torch.Size, bias: bool
+    s_norm: Tensor,
+    h_norm: Tensor,
+    damping: float,
+    shape: torch.Size,
+    bias: bool,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``S'[o]·H'[i] + λ`` for a weight of ``shape`` (``bias=False``) or a bias (``bias=True``).
 
     Built by broadcasting into a temporary of the parameter's size, never as a Kronecker matrix.
+    ``out``, if given, is a 1-D workspace of at least ``prod(shape)`` elements (dtype of the
+    factors) that the weight's ``F`` is written into; the returned tensor is a view of it.
+    Reusing one workspace across parameters avoids allocating (and page-faulting) a fresh
+    parameter-sized buffer per parameter and step (docs/performance.md).
     """
     if bias:
         return torch.add(s_norm * h_norm[-1], damping).view(shape)
+    rows = shape[0]
     cols = math.prod(shape[1:])
     # A rank-1 GEMM with the damping as its broadcast input writes F in one pass: ~4× faster
     # than torch.addr and ~2× faster than outer + add_ on CPU (docs/performance.md).
     damp = s_norm.new_tensor(damping)
-    return torch.addmm(damp, s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0)).view(shape)
+    if out is None:
+        return torch.addmm(damp, s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0)).view(shape)
+    target = out[: rows * cols].view(rows, cols)
+    torch.addmm(damp, s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0), out=target)
+    return target.view(shape)
 
 
 def norm_denominator(
@@ -307,7 +340,7 @@ def adafisher_update(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    denominators: list[Tensor | float],
+    denominators: list[Tensor | float | Callable[[], Tensor]],
     steps: list[int],
     *,
     lr: float,
@@ -318,8 +351,11 @@ def adafisher_update(
 ) -> None:
     """Apply one AdaFisher(W) update in place.
 
-    ``denominators[i]`` is the parameter's Fisher diagonal ``F`` (a tensor) or a float for the
-    identity fallback. ``steps[i]`` is the parameter's own update count including this one.
+    ``denominators[i]`` is the parameter's Fisher diagonal ``F`` (a tensor), a float for the
+    identity fallback, or a zero-argument callable returning ``F``. The single-tensor path calls
+    it right before that parameter's update, so callables may share one workspace (see
+    :func:`kron_denominator`); the multi-tensor path calls them all first, so there they must
+    not. ``steps[i]`` is the parameter's own update count including this one.
     """
     if not params:
         return
@@ -339,7 +375,7 @@ def _single_tensor_update(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    denominators: list[Tensor | float],
+    denominators: list[Tensor | float | Callable[[], Tensor]],
     steps: list[int],
     *,
     lr: float,
@@ -354,6 +390,8 @@ def _single_tensor_update(
         step_size = lr / (1.0 - beta**t)
         if weight_decay != 0.0 and decoupled:
             p.mul_(1.0 - lr * weight_decay)
+        if callable(denom):
+            denom = denom()
         if isinstance(denom, Tensor):
             p.addcdiv_(m, denom, value=-step_size)
         else:
@@ -364,7 +402,7 @@ def _multi_tensor_update(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    denominators: list[Tensor | float],
+    denominators: list[Tensor | float | Callable[[], Tensor]],
     steps: list[int],
     *,
     lr: float,
@@ -372,6 +410,7 @@ def _multi_tensor_update(
     weight_decay: float,
     decoupled: bool,
 ) -> None:
+    denominators = [d() if callable(d) else d for d in denominators]
     if weight_decay != 0.0 and not decoupled:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)

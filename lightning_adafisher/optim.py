@@ -15,6 +15,7 @@ state lives in ``optimizer.state`` so ``state_dict()`` checkpoints it and Lightn
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_adafisher import functional as fn
-from lightning_adafisher.layers import layer_helper_for
+from lightning_adafisher.layers import LayerHelper, layer_helper_for
 from lightning_adafisher.statistics import BoundLayer, PendingStats, StatisticsCollector
 
 __all__ = ["AdaFisher", "AdaFisherW", "VARIANTS"]
@@ -129,6 +130,8 @@ class AdaFisher(Optimizer):
         self._collector: StatisticsCollector | None = None
         self._binding: dict[int, tuple[BoundLayer, str]] = {}
         self._normalised: dict[int, tuple[Tensor, Tensor]] = {}
+        self._workspace: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        """Scratch for one weight's ``F`` at a time (single-tensor path; not state)."""
         self._warned_unattached = False
         self._checked_first_statistics = False
         self.statistics_reducer: StatisticsReducer | None = None
@@ -241,6 +244,7 @@ class AdaFisher(Optimizer):
             self._collector.remove()
         self._collector = None
         self._binding = {}
+        self._workspace = {}
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -369,7 +373,9 @@ class AdaFisher(Optimizer):
         self._normalised[id(primary)] = (h, s)
         return h, s
 
-    def _denominator(self, p: Tensor, damping: float) -> Tensor | float:
+    def _denominator(
+        self, p: Tensor, damping: float, lazy: bool
+    ) -> Tensor | float | Callable[[], Tensor]:
         bound = self._binding.get(id(p))
         if bound is None:
             return 1.0 + damping if self.variant == "paper" else 1.0
@@ -378,11 +384,26 @@ class AdaFisher(Optimizer):
         if factors is None:
             return 1.0 + damping  # a supported layer before its first statistics
         h_norm, s_norm = factors
+        if lazy and role != "bias" and type(layer.helper).denominator is LayerHelper.denominator:
+            # The built-in S'⊗H' + λ of a weight: written into one shared workspace right
+            # before the parameter's update (the single-tensor path consumes it at once).
+            return functools.partial(self._kron_into_workspace, p, h_norm, s_norm, damping)
         denom = layer.helper.denominator(layer.module, role, p, h_norm, s_norm, damping)
         return denom if denom.dtype == p.dtype else denom.to(p.dtype)
 
+    def _kron_into_workspace(
+        self, p: Tensor, h_norm: Tensor, s_norm: Tensor, damping: float
+    ) -> Tensor:
+        key = (s_norm.device, s_norm.dtype)
+        workspace = self._workspace.get(key)
+        if workspace is None or workspace.numel() < p.numel():
+            workspace = s_norm.new_empty(p.numel())
+            self._workspace[key] = workspace
+        denom = fn.kron_denominator(s_norm, h_norm, damping, p.shape, bias=False, out=workspace)
+        return denom if denom.dtype == p.dtype else denom.to(p.dtype)
+
     def _update_group(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, denoms, steps = [], [], [], [], []
+        params, grads, exp_avgs, steps = [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -396,11 +417,11 @@ class AdaFisher(Optimizer):
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state[EXP_AVG])
-            denoms.append(self._denominator(p, group["damping"]))
             steps.append(state[STEP])
         foreach = group["foreach"]
         if foreach is None:
             foreach = bool(params) and all(p.is_cuda for p in params)
+        denoms = [self._denominator(p, group["damping"], lazy=not foreach) for p in params]
         fn.adafisher_update(
             params, grads, exp_avgs, denoms, steps,
             lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],

@@ -1,0 +1,92 @@
+"""``bench speed`` and ``bench quality`` run end to end on tiny configurations and write
+well-formed JSON. Benchmarks are measurements, not timed tests: nothing here asserts on speed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lightning_adafisher import bench
+
+ROW_KEYS = {
+    "optimizer", "median_step_ms", "mean_step_ms", "ratio_to_baseline", "mean_ratio_to_baseline",
+    "state_bytes", "state_ratio_to_baseline", "workspace_bytes",
+}
+
+
+def _check_speed(result: dict, model: str, batch_size: int, baseline: str) -> None:
+    assert result["benchmark"] == "speed"
+    assert result["model"] == model and result["batch_size"] == batch_size
+    assert result["baseline"] == baseline
+    names = [row["optimizer"] for row in result["rows"]]
+    assert names[0] == baseline and "fwd_bwd_only" in names
+    assert any(name.startswith("adafisher") for name in names)
+    for row in result["rows"]:
+        assert set(row) == ROW_KEYS
+        assert row["median_step_ms"] > 0 and math.isfinite(row["ratio_to_baseline"])
+        if row["optimizer"].startswith("adafisher"):
+            # one moment plus factor vectors: about half of Adam's two moments
+            assert 0.4 < row["state_ratio_to_baseline"] < 0.75
+
+
+def _speed_args(tmp_path, *extra: str) -> list[str]:
+    return ["speed", "--repeats", "2", "--warmup", "1", "--threads", "1",
+            "--device", "cpu", "--out", str(tmp_path / "speed.json"), *extra]
+
+
+def test_speed_tiny_cnn_writes_json(tmp_path, capsys):
+    bench.main(_speed_args(tmp_path, "--model", "tiny", "--batch-size", "4", "--image-size", "8"))
+    result = json.loads((tmp_path / "speed.json").read_text())
+    _check_speed(result, "tiny", 4, "adam_fused")
+    assert "adam_fused" in capsys.readouterr().out
+
+
+def test_speed_batch_size_sweep(tmp_path):
+    bench.main(_speed_args(tmp_path, "--model", "tiny", "--batch-sizes", "2,4", "--image-size", "8"))
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert result["benchmark"] == "speed_sweep"
+    assert [r["batch_size"] for r in result["results"]] == [2, 4]
+    for r in result["results"]:
+        _check_speed(r, "tiny", r["batch_size"], "adam_fused")
+
+
+def test_speed_gpt_uses_adamw_baseline(tmp_path):
+    bench.main(_speed_args(tmp_path, "--model", "gpt_tiny", "--batch-size", "2", "--context", "8"))
+    result = json.loads((tmp_path / "speed.json").read_text())
+    _check_speed(result, "gpt_tiny", 2, "adamw_fused")
+    assert result["context"] == 8
+
+
+def test_speed_rejects_bad_batch_sizes(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(_speed_args(tmp_path, "--model", "tiny", "--batch-sizes", "2,x"))
+
+
+def test_quality_writes_json_with_best_lr_and_time_equal_rows(tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    bench.main([
+        "quality", "--tasks", "iris,chargpt", "--optimizers", "adam,adafisherw_paper_k1",
+        "--seeds", "0", "--gpt-seeds", "0", "--lrs", "1e-3,1e-2", "--epochs", "2",
+        "--subset", "40", "--gpt-steps", "3", "--gpt-batch-size", "2", "--gpt-eval-windows", "4",
+        "--context", "16", "--out", str(out),
+    ])
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "quality"
+    assert set(result["tasks"]) == {"iris", "chargpt"}
+    for name, task in result["tasks"].items():
+        metric = "perplexity" if name == "chargpt" else "accuracy"
+        assert task["metric"] == metric
+        assert task["time_budget_seconds"] > 0
+        assert set(task["optimizers"]) == {"adam", "adafisherw_paper_k1"}
+        for row in task["optimizers"].values():
+            assert row["best_lr"] in (1e-3, 1e-2)
+            assert set(row["by_lr"]) == {"0.001", "0.01"}
+            for key in ("test", "val", "seconds"):
+                assert set(row[key]) == {"mean", "std"}
+            assert set(row["time_equal"]) == {"test", "steps"}
+            value = row["test"]["mean"]
+            assert (0.0 <= value <= 1.0) if metric == "accuracy" else value >= 1.0
+    printed = capsys.readouterr().out
+    assert "time-equal" in printed and "chargpt" in printed
