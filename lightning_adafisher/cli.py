@@ -88,13 +88,17 @@ def run_cli(argv: list[str] | None = None) -> AdaFisherCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: ``bench ...`` or a LightningCLI subcommand."""
+    """Console entry point: ``bench ...``, ``diagnostics ...`` or a LightningCLI subcommand."""
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["diagnostics"]: return __import__("lightning_adafisher.diagnostics.commands", fromlist=["main"]).main(args[1:])  # noqa: E701,E501
     if args[:1] == ["bench"]:
         from lightning_adafisher.bench import main as bench_main
 
         bench_main(args[1:])
+        return
+    if args[:1] == ["diagnostics"]:
+        from lightning_adafisher.diagnostics.commands import main as diagnostics_main
+
+        diagnostics_main(args[1:])
         return
     run_cli(argv)
 

@@ -1,0 +1,6 @@
+"""``python -m lightning_adafisher.diagnostics <command> --out DIR`` (see ``--help``)."""
+
+from lightning_adafisher.diagnostics.commands import main
+
+if __name__ == "__main__":
+    main()
