@@ -48,3 +48,19 @@ def test_recipe_parses_through_the_cli(path, capsys):
 def test_gpt1_four_blocks_have_the_papers_parameter_count():
     model = GPT(vocab_size=40478)
     assert sum(p.numel() for p in model.blocks.parameters() if p.requires_grad) == 28_351_488
+
+
+def test_gpt_loads_pretrained_embeddings_and_freezes_them(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = GPT(vocab_size=50, context_length=8, n_layer=1, n_embd=16, n_head=2, d_ff=32)
+    tok, pos = torch.randn(50, 16), torch.randn(512, 16)  # openai-gpt has 512 positions
+    torch.save({"transformer.tokens_embed.weight": tok, "transformer.positions_embed.weight": pos},
+               tmp_path / "pytorch_model.bin")
+    model.load_pretrained_embeddings(str(tmp_path))
+    assert torch.equal(model.tokens.weight, tok) and torch.equal(model.positions.weight, pos[:8])
+    assert not model.tokens.weight.requires_grad and not model.positions.weight.requires_grad
+    wrong = GPT(vocab_size=60, context_length=8, n_layer=1, n_embd=16, n_head=2, d_ff=32)
+    with pytest.raises(ValueError, match=r"have shape \(50, 16\), the model \(60, 16\): use the GPT-1 BPE"):
+        wrong.load_pretrained_embeddings(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pretrained GPT-1 checkpoint not found"):
+        model.load_pretrained_embeddings(str(tmp_path / "missing.bin"))
