@@ -67,7 +67,17 @@ LANGUAGE_MODELS: dict[str, Callable[[int], nn.Module]] = {"gpt": _gpt, "gpt_tiny
 DEFAULT_BATCH = {"resnet18": 32, "tiny": 32, "gpt": 8, "gpt_tiny": 8}
 
 
-def _optimizers(language: bool) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
+def _optimizers(language: bool, fused: bool = False) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
+    rows = _baselines_and_adafisher(language)
+    if fused:  # opt-in: the first step compiles the fused kernel (tens of seconds on CPU)
+        cls = AdaFisherW if language else AdaFisher
+        prefix = "adafisherw" if language else "adafisher"
+        rows[f"{prefix}_paper_k1_fused"] = lambda m: cls(m, variant="paper", update_interval=1, fused=True)
+        rows[f"{prefix}_paper_k10_fused"] = lambda m: cls(m, variant="paper", update_interval=10, fused=True)
+    return rows
+
+
+def _baselines_and_adafisher(language: bool) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
     if language:
         # Transformers are trained with decoupled decay: AdamW is the baseline.
         return {
@@ -111,6 +121,7 @@ def speed(
     threads: int | None = 2,
     seed: int = 0,
     context: int = 64,
+    fused: bool = False,
 ) -> dict:
     """Run the benchmark at one batch size and return its results (see module docstring).
 
@@ -140,7 +151,7 @@ def speed(
     runs: dict[str, tuple[nn.Module, torch.optim.Optimizer | None]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, make in _optimizers(language).items():
+        for name, make in _optimizers(language, fused).items():
             model = copy.deepcopy(base)
             runs[name] = (model, make(model))
     runs["fwd_bwd_only"] = (copy.deepcopy(base), None)
@@ -247,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--warmup", type=int, default=3)
     sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--fused", action="store_true",
+                    help="also time AdaFisher(fused=True) (compiles on the first step)")
     sp.add_argument("--out", default="bench_speed.json", help="where to write the JSON")
     qp = sub.add_parser("quality", help="optimizer quality on offline data (bench_quality)")
     from lightning_adafisher import bench_quality
@@ -261,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in sizes:
         result = speed(
             args.model, size, args.image_size, args.repeats, args.warmup,
-            args.device, args.threads, context=args.context,
+            args.device, args.threads, context=args.context, fused=args.fused,
         )
         _print_table(result)
         results.append(result)

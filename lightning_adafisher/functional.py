@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ __all__ = [
     "kron_denominator",
     "norm_denominator",
     "adafisher_update",
+    "KronFactors",
 ]
 
 REFERENCE_MM_EPS = 1e-6
@@ -336,11 +337,43 @@ def norm_denominator(
 # --------------------------------------------------------------------------------------------
 
 
+class KronFactors(NamedTuple):
+    """``F = rows[:, None]·cols[None, :] + damping`` over the ``[rows, cols]`` view of a weight,
+    left unmaterialised for the fused update."""
+
+    rows: Tensor
+    cols: Tensor
+    damping: float
+
+
+def _kron_step(
+    p: Tensor, m: Tensor, g: Tensor, rows: Tensor, cols: Tensor, one_minus_beta: Tensor,
+    damping: Tensor, step_size: Tensor, decay: Tensor, l2: Tensor,
+) -> None:
+    """One parameter's whole update, written so that a compiler can fuse it into one pass:
+    ``m ← lerp(m, g + l2·p, 1−β)``, ``p ← decay·p − step·m / (rows⊗cols + λ)``."""
+    m_new = torch.lerp(m, g + l2 * p, one_minus_beta)
+    p_new = p * decay - step_size * m_new / (rows[:, None] * cols[None, :] + damping)
+    m.copy_(m_new)
+    p.copy_(p_new)
+
+
+_compiled_kron_step: Callable[..., None] | None = None
+
+
+def _fused_kron_step() -> Callable[..., None]:
+    """``_kron_step`` compiled once (shape-generic) with ``torch.compile``."""
+    global _compiled_kron_step
+    if _compiled_kron_step is None:
+        _compiled_kron_step = torch.compile(_kron_step, dynamic=True)
+    return _compiled_kron_step
+
+
 def adafisher_update(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    denominators: list[Tensor | float | Callable[[], Tensor]],
+    denominators: list[Tensor | float | Callable[[], Tensor] | KronFactors],
     steps: list[int],
     *,
     lr: float,
@@ -351,6 +384,10 @@ def adafisher_update(
 ) -> None:
     """Apply one AdaFisher(W) update in place.
 
+    Entries that are :class:`KronFactors` are updated by the fused kernel (one compiled pass
+    per parameter: moment, decay and preconditioned step, ``F`` never materialised); the rest
+    take the single- or multi-tensor path.
+
     ``denominators[i]`` is the parameter's Fisher diagonal ``F`` (a tensor), a float for the
     identity fallback, or a zero-argument callable returning ``F``. The single-tensor path calls
     it right before that parameter's update, so callables may share one workspace (see
@@ -359,6 +396,17 @@ def adafisher_update(
     """
     if not params:
         return
+    fused = [i for i, d in enumerate(denominators) if isinstance(d, KronFactors)]
+    if fused:
+        kernel = _fused_kron_step()
+        for i in fused:
+            _fused_update_one(kernel, params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
+                              lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled)
+        keep = [i for i in range(len(params)) if not isinstance(denominators[i], KronFactors)]
+        params, grads, exp_avgs = [params[i] for i in keep], [grads[i] for i in keep], [exp_avgs[i] for i in keep]
+        denominators, steps = [denominators[i] for i in keep], [steps[i] for i in keep]
+        if not params:
+            return
     if foreach:
         _multi_tensor_update(
             params, grads, exp_avgs, denominators, steps,
@@ -369,6 +417,24 @@ def adafisher_update(
             params, grads, exp_avgs, denominators, steps,
             lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled,
         )
+
+
+def _fused_update_one(
+    kernel: Callable[..., None], p: Tensor, g: Tensor, m: Tensor, kron: KronFactors, t: int, *,
+    lr: float, beta: float, weight_decay: float, decoupled: bool,
+) -> None:
+    def scalar(v: float) -> Tensor:
+        # 0-d tensors, not Python floats: a float argument would recompile at every new value.
+        return torch.tensor(v, dtype=p.dtype, device=p.device)
+
+    rows = p.shape[0]
+    kernel(
+        p.view(rows, -1), m.view(rows, -1), g.view(rows, -1),
+        kron.rows.to(p.dtype), kron.cols.to(p.dtype), scalar(1.0 - beta), scalar(kron.damping),
+        scalar(lr / (1.0 - beta**t)),
+        scalar(1.0 - lr * weight_decay if decoupled else 1.0),
+        scalar(0.0 if decoupled else weight_decay),
+    )
 
 
 def _single_tensor_update(

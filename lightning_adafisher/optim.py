@@ -75,6 +75,8 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay: {wd}")
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise ValueError(f"Invalid update_interval: {interval!r} (expected an integer >= 1)")
+    if not isinstance(group.get("fused", False), bool):
+        raise ValueError(f"Invalid fused: {group['fused']!r} (expected True or False)")
     if variant not in VARIANTS:
         raise ValueError(f"Invalid variant: {variant!r} (expected 'paper' or 'reference')")
 
@@ -98,6 +100,8 @@ class AdaFisher(Optimizer):
             ``(t − 1) % update_interval == 0``; in between the factors are reused.
         variant: ``"paper"`` (Eq. 3–4 of the paper) or ``"reference"`` (the authors' code).
         foreach: use the multi-tensor update (default: on CUDA only, as torch does).
+        fused: update each Linear/Conv weight in one compiled pass (``torch.compile``; the first
+            step compiles, ~30 s on CPU). Opt-in; see ``docs/performance.md`` for its cost and gain.
 
     Non-finite *gradients* are left to the caller, as with every ``torch.optim`` optimizer
     (``GradScaler`` skips such steps); non-finite *statistics* never reach the factors.
@@ -117,13 +121,14 @@ class AdaFisher(Optimizer):
         variant: str = "paper",
         *,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> None:
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = dict(
             lr=lr, beta=beta, gamma=gamma, damping=damping, weight_decay=weight_decay,
-            update_interval=update_interval, variant=variant, foreach=foreach,
+            update_interval=update_interval, variant=variant, foreach=foreach, fused=fused,
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -374,8 +379,8 @@ class AdaFisher(Optimizer):
         return h, s
 
     def _denominator(
-        self, p: Tensor, damping: float, lazy: bool
-    ) -> Tensor | float | Callable[[], Tensor]:
+        self, p: Tensor, damping: float, lazy: bool, fused: bool = False
+    ) -> Tensor | float | Callable[[], Tensor] | fn.KronFactors:
         bound = self._binding.get(id(p))
         if bound is None:
             return 1.0 + damping if self.variant == "paper" else 1.0
@@ -384,7 +389,10 @@ class AdaFisher(Optimizer):
         if factors is None:
             return 1.0 + damping  # a supported layer before its first statistics
         h_norm, s_norm = factors
-        if lazy and role != "bias" and type(layer.helper).denominator is LayerHelper.denominator:
+        builtin_kron = role != "bias" and type(layer.helper).denominator is LayerHelper.denominator
+        if fused and builtin_kron and p.is_contiguous():
+            return fn.KronFactors(s_norm, h_norm[: p[0].numel()], damping)
+        if lazy and builtin_kron:
             # The built-in S'⊗H' + λ of a weight: written into one shared workspace right
             # before the parameter's update (the single-tensor path consumes it at once).
             return functools.partial(self._kron_into_workspace, p, h_norm, s_norm, damping)
@@ -421,7 +429,10 @@ class AdaFisher(Optimizer):
         foreach = group["foreach"]
         if foreach is None:
             foreach = bool(params) and all(p.is_cuda for p in params)
-        denoms = [self._denominator(p, group["damping"], lazy=not foreach) for p in params]
+        denoms = [
+            self._denominator(p, group["damping"], lazy=not foreach, fused=group.get("fused", False))
+            for p in params
+        ]
         fn.adafisher_update(
             params, grads, exp_avgs, denoms, steps,
             lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],

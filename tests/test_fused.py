@@ -1,0 +1,40 @@
+"""The opt-in fused update (one compiled pass per weight) equals the eager update."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_adafisher import AdaFisher, AdaFisherW
+from tests.conftest import make_mixed
+
+
+def _train(opt_cls, fused: bool, **kw):
+    model = make_mixed()
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = opt_cls(model, lr=1e-2, gamma=0.8, fused=fused, **kw)
+    for _ in range(4):
+        x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 5, (4,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opt_cls, kw", [(AdaFisherW, dict(weight_decay=0.1)), (AdaFisher, dict(weight_decay=0.05, variant="reference", update_interval=2))])
+def test_fused_update_equals_eager(opt_cls, kw):
+    eager, fused = _train(opt_cls, False, **kw), _train(opt_cls, True, **kw)
+    for (name, p), q in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_must_be_a_bool():
+    with pytest.raises(ValueError, match="Invalid fused: 'yes'"):
+        AdaFisher(torch.nn.Linear(2, 2).parameters(), fused="yes")
