@@ -170,7 +170,7 @@ def gpt(dataset: str, opt: str) -> tuple[str, str]:
         path=path, note="Test perplexity is reported at the best validation checkpoint (the CLI tests after fit)",
     )
     text += _trainer(epochs, "val_ppl", "min")
-    text += f"""model:
+    text += """model:
   class_path: lightning_adafisher.tasks.CausalLM
   init_args:
     vocab_size: null                # int|null: null = the data module's tokenizer size

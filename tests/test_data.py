@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lightning_adafisher.tasks import data_text
-from lightning_adafisher.tasks.data_text import TextDataModule, TokenWindows, load_tokenizer, train_bpe
+from lightning_adafisher.tasks.data_text import TextDataModule, load_tokenizer, train_bpe
 from lightning_adafisher.tasks.data_vision import (
     CIFARDataModule,
     Cutout,

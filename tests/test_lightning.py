@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
