@@ -278,11 +278,15 @@ def _train(
 def _score(task: Task, runs: list[dict]) -> tuple[float, float]:
     """Higher is better: (mean val accuracy, −mean val loss) or (−mean val perplexity, 0)."""
     if task.language:
-        return (-statistics.fmean(r["val_perplexity"] for r in runs), 0.0)
+        ppl = [r["val_perplexity"] for r in runs]
+        return (-statistics.fmean(ppl) if all(math.isfinite(v) for v in ppl) else -math.inf, 0.0)
     return (statistics.fmean(r["val_accuracy"] for r in runs), -statistics.fmean(r["val_loss"] for r in runs))
 
 
 def _summary(values: list[float]) -> dict[str, float]:
+    # A diverged run (inf/NaN loss or perplexity) makes the whole cell non-finite, not a crash.
+    if not all(math.isfinite(v) for v in values):
+        return dict(mean=math.inf, std=math.nan)
     return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
