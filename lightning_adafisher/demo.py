@@ -39,14 +39,18 @@ def small_cnn() -> nn.Module:
     )
 
 
-def train(optimizer: str = "adafisherw", epochs: int = 10, batch_size: int = 64, seed: int = 0) -> float:
+def train(
+    optimizer: str = "adafisherw", epochs: int = 10, batch_size: int = 64, seed: int = 0,
+    lr: float = 1e-3, variant: str = "paper",
+) -> float:
+    """Train the small CNN and return its test accuracy."""
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = digits_tensors(seed)
     model = small_cnn()
     if optimizer == "adafisherw":
-        opt: torch.optim.Optimizer = AdaFisherW(model, lr=1e-3, weight_decay=5e-4)
+        opt: torch.optim.Optimizer = AdaFisherW(model, lr=lr, weight_decay=5e-4, variant=variant)
     elif optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=5e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     else:
         raise ValueError(f"Invalid optimizer: {optimizer!r} (expected 'adafisherw' or 'adamw')")
     g = torch.Generator().manual_seed(seed)

@@ -10,32 +10,16 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from lightning_adafisher import AdaFisherW
-from lightning_adafisher.demo import digits_tensors, small_cnn
+from lightning_adafisher.demo import train
 
 GRID = {"adamw": [3e-4, 1e-3, 3e-3], "paper": [3e-4, 1e-3, 3e-3], "reference": [1e-4, 3e-4, 1e-3]}
 
 
-def run(kind: str, lr: float, seed: int, epochs: int = 10) -> float:
-    torch.manual_seed(seed)
-    x_train, y_train, x_test, y_test = digits_tensors(seed)
-    model = small_cnn()
+def run(kind: str, lr: float, seed: int) -> float:
     if kind == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    else:
-        opt = AdaFisherW(model, lr=lr, weight_decay=5e-4, variant=kind)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(x_train), generator=g).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        return (model(x_test).argmax(1) == y_test).float().mean().item()
+        return train("adamw", epochs=10, seed=seed, lr=lr)
+    return train("adafisherw", epochs=10, seed=seed, lr=lr, variant=kind)
 
 
 def main() -> None:
