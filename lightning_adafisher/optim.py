@@ -301,6 +301,8 @@ class AdaFisher(Optimizer):
         scale = self.statistics_grad_scale
         rescale = isinstance(scale, Tensor) or scale != 1.0
         folded: list[tuple[str, Tensor]] = []
+        # One pass over the groups per statistics step, not one scan per layer.
+        gamma_of = {id(p): group["gamma"] for group in self.param_groups for p in group["params"]}
         for layer in layers:
             stats = pending.get(layer.name)
             if stats is None or not stats.complete:
@@ -310,10 +312,10 @@ class AdaFisher(Optimizer):
             if rescale:
                 s = s / (scale * scale)
             ok = fn.statistics_ok(self.variant, h, s)
-            group = self._group_of(layer.primary)
+            gamma = gamma_of[id(layer.primary)]
             state = self.state[layer.primary]
-            state[FACTOR_H] = fold(state.get(FACTOR_H), h, group["gamma"], ok)
-            state[FACTOR_S] = fold(state.get(FACTOR_S), s, group["gamma"], ok)
+            state[FACTOR_H] = fold(state.get(FACTOR_H), h, gamma, ok)
+            state[FACTOR_S] = fold(state.get(FACTOR_S), s, gamma, ok)
             state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
             self._normalised.pop(id(layer.primary), None)
             folded.append((layer.name, ok))
@@ -360,6 +362,7 @@ class AdaFisher(Optimizer):
             )
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
+        """The param group holding ``p`` (a linear scan: for diagnostics, not the step)."""
         for group in self.param_groups:
             if any(q is p for q in group["params"]):
                 return group
