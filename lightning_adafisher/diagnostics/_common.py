@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from importlib import import_module
 from pathlib import Path
 from types import ModuleType
@@ -115,6 +116,20 @@ def digits_tensors(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from lightning_adafisher.demo import digits_tensors as split
 
     return split(seed)
+
+
+def digits_with_adafisher(seed: int, lr: float) -> tuple[Tensor, Tensor, nn.Module, Any]:
+    """Seeded digits training split, a fresh :func:`digits_cnn` and AdaFisher (paper variant)
+    attached to it: the shared start of the diagnostics that train a network."""
+    from lightning_adafisher.optim import AdaFisher
+
+    torch.manual_seed(seed)
+    x_train, y_train, _, _ = digits_tensors(seed)
+    model = digits_cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisher(model, lr=lr)
+    return x_train, y_train, model, opt
 
 
 def digits_cnn() -> nn.Sequential:

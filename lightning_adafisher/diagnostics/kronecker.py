@@ -32,7 +32,6 @@ Shapes: rows are ``[R, d]``; factors ``[d, d]``; everything is computed in float
 from __future__ import annotations
 
 import math
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 
 from lightning_adafisher import functional as fn
 from lightning_adafisher.diagnostics._common import (
-    digits_cnn, digits_tensors, new_figure, optional, save_figure, write_json,
+    digits_with_adafisher, new_figure, optional, save_figure, write_json,
 )
 
 __all__ = [
@@ -374,14 +373,8 @@ def digits_experiment(
     variant) and analyse the full ``H`` and ``S`` of ``layers`` on a fixed batch of
     ``eval_batch`` training images at the middle and the end of training. Writes
     ``kronecker_<layer>.png`` per layer and ``kronecker.json``."""
-    from lightning_adafisher.optim import AdaFisher
 
-    torch.manual_seed(seed)
-    x_train, y_train, _, _ = digits_tensors(seed)
-    model = digits_cnn()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = AdaFisher(model, lr=lr)
+    x_train, y_train, model, opt = digits_with_adafisher(seed, lr)
     xb, yb = x_train[:eval_batch], y_train[:eval_batch]
     order = torch.Generator().manual_seed(seed)
     checkpoints = {max(epochs // 2, 1): "middle", epochs: "end"}

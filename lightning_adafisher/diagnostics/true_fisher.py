@@ -25,7 +25,6 @@ correlation (scale-free). Linear and Conv2d layers only; classification (cross-e
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_adafisher.diagnostics._common import (
-    digits_cnn, digits_tensors, new_figure, optional, save_figure, write_json,
+    digits_with_adafisher, new_figure, optional, save_figure, write_json,
 )
 from lightning_adafisher.diagnostics.kronecker import record_io
 from lightning_adafisher.layers import layer_helper_for
@@ -290,12 +289,7 @@ def digits_experiment(
     after each epoch compare, on ``eval_size`` fixed training images with ``n_samples`` sampled
     labels each, the true Fisher diagonal with both Kronecker estimates (module docstring).
     Writes ``true_fisher.png`` and ``true_fisher.json`` under ``out``."""
-    torch.manual_seed(seed)
-    x_train, y_train, _, _ = digits_tensors(seed)
-    model = digits_cnn()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = AdaFisher(model, lr=lr)
+    x_train, y_train, model, opt = digits_with_adafisher(seed, lr)
     x_eval = x_train[:eval_size]
     order = torch.Generator().manual_seed(seed)
     sampler = torch.Generator().manual_seed(seed + 1)
