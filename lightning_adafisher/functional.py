@@ -314,14 +314,13 @@ def kron_denominator(
         return torch.add(s_norm * h_norm[-1], damping).view(shape)
     rows = shape[0]
     cols = math.prod(shape[1:])
-    # A rank-1 GEMM with the damping as its broadcast input writes F in one pass: ~4× faster
-    # than torch.addr and ~2× faster than outer + add_ on CPU (docs/performance.md).
-    damp = s_norm.new_tensor(damping)
+    # A broadcast multiply then an in-place add of the damping (docs/performance.md).
     if out is None:
-        return torch.addmm(damp, s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0)).view(shape)
-    target = out[: rows * cols].view(rows, cols)
-    torch.addmm(damp, s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0), out=target)
-    return target.view(shape)
+        target = torch.mul(s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0))
+    else:
+        target = out[: rows * cols].view(rows, cols)
+        torch.mul(s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0), out=target)
+    return target.add_(damping).view(shape)
 
 
 def norm_denominator(
@@ -369,11 +368,18 @@ def _fused_kron_step() -> Callable[..., None]:
     return _compiled_kron_step
 
 
+UPDATE_BLOCK = 1 << 22
+"""Most elements of ``F`` the eager Kronecker update materialises at once (16 MiB of float32):
+weights larger than this are updated in blocks of rows, which bounds the scratch buffer.
+Smaller blocks, sized for the caches, were measured slower on CPU: each block's kernel launches
+and thread fork/joins cost more than the memory traffic they save (docs/performance.md)."""
+
+
 def adafisher_update(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    denominators: list[Tensor | float | Callable[[], Tensor] | KronFactors],
+    denominators: list[Tensor | float | KronFactors],
     steps: list[int],
     *,
     lr: float,
@@ -381,27 +387,36 @@ def adafisher_update(
     weight_decay: float,
     decoupled: bool,
     foreach: bool,
+    fused: bool = False,
+    workspace: Callable[[int, torch.dtype, torch.device], Tensor] | None = None,
 ) -> None:
     """Apply one AdaFisher(W) update in place.
 
-    Entries that are :class:`KronFactors` are updated by the fused kernel (one compiled pass
-    per parameter: moment, decay and preconditioned step, ``F`` never materialised); the rest
-    take the single- or multi-tensor path.
+    ``denominators[i]`` is the parameter's Fisher diagonal ``F``: a tensor, a float for the
+    identity fallback, or :class:`KronFactors` for a Kronecker-factored weight, whose ``F`` is
+    never materialised whole. Those are updated
 
-    ``denominators[i]`` is the parameter's Fisher diagonal ``F`` (a tensor), a float for the
-    identity fallback, or a zero-argument callable returning ``F``. The single-tensor path calls
-    it right before that parameter's update, so callables may share one workspace (see
-    :func:`kron_denominator`); the multi-tensor path calls them all first, so there they must
-    not. ``steps[i]`` is the parameter's own update count including this one.
+    * with ``fused``: by one compiled pass per parameter (moment, decay, preconditioned step);
+    * on the single-tensor path: ``F`` written into ``workspace(numel, dtype, device)`` (one
+      reusable scratch buffer) right before it is used, in blocks of at most
+      :data:`UPDATE_BLOCK` elements;
+    * on the multi-tensor path: with ``F`` materialised per parameter.
+
+    All three give the same numbers as the plain formula (the eager two bitwise).
+    ``steps[i]`` is the parameter's own update count including this one.
     """
     if not params:
         return
-    fused = [i for i, d in enumerate(denominators) if isinstance(d, KronFactors)]
-    if fused:
-        kernel = _fused_kron_step()
-        for i in fused:
-            _fused_update_one(kernel, params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
-                              lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled)
+    kron = [i for i, d in enumerate(denominators) if isinstance(d, KronFactors)]
+    if kron and (fused or not foreach):
+        kernel = _fused_kron_step() if fused else None
+        for i in kron:
+            kwargs = dict(lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled)
+            if kernel is not None and params[i].is_contiguous():
+                _fused_update_one(kernel, params[i], grads[i], exp_avgs[i], denominators[i], steps[i], **kwargs)  # type: ignore[arg-type]
+            else:
+                _blocked_kron_update(params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
+                                     workspace=workspace, **kwargs)
         keep = [i for i in range(len(params)) if not isinstance(denominators[i], KronFactors)]
         params, grads, exp_avgs = [params[i] for i in keep], [grads[i] for i in keep], [exp_avgs[i] for i in keep]
         denominators, steps = [denominators[i] for i in keep], [steps[i] for i in keep]
@@ -414,9 +429,44 @@ def adafisher_update(
         )
     else:
         _single_tensor_update(
-            params, grads, exp_avgs, denominators, steps,
+            params, grads, exp_avgs, denominators, steps,  # type: ignore[arg-type]
             lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled,
         )
+
+
+def _blocked_kron_update(
+    p: Tensor, g: Tensor, m: Tensor, kron: KronFactors, t: int, *,
+    lr: float, beta: float, weight_decay: float, decoupled: bool,
+    workspace: Callable[[int, torch.dtype, torch.device], Tensor] | None,
+) -> None:
+    """The single-tensor update of one Kronecker-factored weight, over blocks of rows.
+
+    Per block: ``m ← lerp(m, g (+ κp), 1−β)``, decoupled decay, ``F = S'⊗H' (+ λ)`` into the
+    scratch buffer, ``p ← p − step·m/F``. Each element sees exactly the ops of the unblocked
+    update, so the result is bitwise the same whatever the block size.
+    """
+    rows = p.shape[0]
+    cols = p[0].numel() if rows else 0
+    p2, g2, m2 = p.view(rows, cols), g.reshape(rows, cols), m.view(rows, cols)
+    s_rows, h_cols = kron.rows.to(p.dtype), kron.cols[:cols].to(p.dtype)
+    step_size = lr / (1.0 - beta**t)
+    block_rows = max(1, min(rows, UPDATE_BLOCK // max(cols, 1)))
+    scratch = (
+        workspace(block_rows * cols, p.dtype, p.device) if workspace is not None
+        else p.new_empty(block_rows * cols)
+    )
+    for r0 in range(0, rows, block_rows):
+        r1 = min(rows, r0 + block_rows)
+        pb, gb, mb = p2[r0:r1], g2[r0:r1], m2[r0:r1]
+        if weight_decay != 0.0 and not decoupled:
+            gb = gb.add(pb, alpha=weight_decay)
+        mb.lerp_(gb, 1.0 - beta)
+        if weight_decay != 0.0 and decoupled:
+            pb.mul_(1.0 - lr * weight_decay)
+        denom = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
+        torch.mul(s_rows[r0:r1].unsqueeze(1), h_cols.unsqueeze(0), out=denom)
+        denom.add_(kron.damping)
+        pb.addcdiv_(mb, denom, value=-step_size)
 
 
 def _fused_update_one(
@@ -441,7 +491,7 @@ def _single_tensor_update(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    denominators: list[Tensor | float | Callable[[], Tensor]],
+    denominators: list[Tensor | float],
     steps: list[int],
     *,
     lr: float,
@@ -456,8 +506,6 @@ def _single_tensor_update(
         step_size = lr / (1.0 - beta**t)
         if weight_decay != 0.0 and decoupled:
             p.mul_(1.0 - lr * weight_decay)
-        if callable(denom):
-            denom = denom()
         if isinstance(denom, Tensor):
             p.addcdiv_(m, denom, value=-step_size)
         else:
@@ -468,7 +516,7 @@ def _multi_tensor_update(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    denominators: list[Tensor | float | Callable[[], Tensor]],
+    denominators: list[Tensor | float | KronFactors],
     steps: list[int],
     *,
     lr: float,
@@ -476,7 +524,11 @@ def _multi_tensor_update(
     weight_decay: float,
     decoupled: bool,
 ) -> None:
-    denominators = [d() if callable(d) else d for d in denominators]
+    denominators = [
+        kron_denominator(d.rows.to(p.dtype), d.cols.to(p.dtype), d.damping, p.shape, bias=False)
+        if isinstance(d, KronFactors) else d
+        for p, d in zip(params, denominators)
+    ]
     if weight_decay != 0.0 and not decoupled:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)

@@ -15,7 +15,6 @@ state lives in ``optimizer.state`` so ``state_dict()`` checkpoints it and Lightn
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -136,7 +135,7 @@ class AdaFisher(Optimizer):
         self._binding: dict[int, tuple[BoundLayer, str]] = {}
         self._normalised: dict[int, tuple[Tensor, Tensor]] = {}
         self._workspace: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        """Scratch for one weight's ``F`` at a time (single-tensor path; not state)."""
+        """Scratch for one block of a weight's ``F`` at a time (single-tensor path; not state)."""
         self._warned_unattached = False
         self._checked_first_statistics = False
         self.statistics_reducer: StatisticsReducer | None = None
@@ -381,9 +380,7 @@ class AdaFisher(Optimizer):
         self._normalised[id(primary)] = (h, s)
         return h, s
 
-    def _denominator(
-        self, p: Tensor, damping: float, lazy: bool, fused: bool = False
-    ) -> Tensor | float | Callable[[], Tensor] | fn.KronFactors:
+    def _denominator(self, p: Tensor, damping: float) -> Tensor | float | fn.KronFactors:
         bound = self._binding.get(id(p))
         if bound is None:
             return 1.0 + damping if self.variant == "paper" else 1.0
@@ -392,26 +389,21 @@ class AdaFisher(Optimizer):
         if factors is None:
             return 1.0 + damping  # a supported layer before its first statistics
         h_norm, s_norm = factors
-        builtin_kron = role != "bias" and type(layer.helper).denominator is LayerHelper.denominator
-        if fused and builtin_kron and p.is_contiguous():
+        if role != "bias" and type(layer.helper).denominator is LayerHelper.denominator:
+            # The built-in S'⊗H' + λ of a weight, left unmaterialised: the update builds it
+            # block by block in a small scratch buffer (or inline, when fused).
             return fn.KronFactors(s_norm, h_norm[: p[0].numel()], damping)
-        if lazy and builtin_kron:
-            # The built-in S'⊗H' + λ of a weight: written into one shared workspace right
-            # before the parameter's update (the single-tensor path consumes it at once).
-            return functools.partial(self._kron_into_workspace, p, h_norm, s_norm, damping)
         denom = layer.helper.denominator(layer.module, role, p, h_norm, s_norm, damping)
         return denom if denom.dtype == p.dtype else denom.to(p.dtype)
 
-    def _kron_into_workspace(
-        self, p: Tensor, h_norm: Tensor, s_norm: Tensor, damping: float
-    ) -> Tensor:
-        key = (s_norm.device, s_norm.dtype)
+    def _scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A reusable buffer of at least ``numel`` elements (one per device and dtype; not state)."""
+        key = (device, dtype)
         workspace = self._workspace.get(key)
-        if workspace is None or workspace.numel() < p.numel():
-            workspace = s_norm.new_empty(p.numel())
+        if workspace is None or workspace.numel() < numel:
+            workspace = torch.empty(numel, dtype=dtype, device=device)
             self._workspace[key] = workspace
-        denom = fn.kron_denominator(s_norm, h_norm, damping, p.shape, bias=False, out=workspace)
-        return denom if denom.dtype == p.dtype else denom.to(p.dtype)
+        return workspace
 
     def _update_group(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, steps = [], [], [], []
@@ -432,14 +424,12 @@ class AdaFisher(Optimizer):
         foreach = group["foreach"]
         if foreach is None:
             foreach = bool(params) and all(p.is_cuda for p in params)
-        denoms = [
-            self._denominator(p, group["damping"], lazy=not foreach, fused=group.get("fused", False))
-            for p in params
-        ]
+        denoms = [self._denominator(p, group["damping"]) for p in params]
         fn.adafisher_update(
             params, grads, exp_avgs, denoms, steps,
             lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],
-            decoupled=self._decoupled, foreach=foreach,
+            decoupled=self._decoupled, foreach=foreach, fused=group.get("fused", False),
+            workspace=self._scratch,
         )
 
     # --- checkpointing ----------------------------------------------------------------------

@@ -262,3 +262,29 @@ def test_parameters_without_gradient_are_left_alone():
     model.scale.grad = None
     opt.step()
     assert torch.equal(model.scale, before)
+
+
+def test_blocked_kron_update_is_bitwise_the_unblocked_one(monkeypatch):
+    """Weights larger than UPDATE_BLOCK are updated in blocks of rows; every element sees the
+    same ops, so any block size gives the same bits (here blocks of 1, 2 and 7 rows)."""
+    from lightning_adafisher import functional as fn
+
+    def train(block):
+        monkeypatch.setattr(fn, "UPDATE_BLOCK", block)
+        model = make_mixed(dtype=torch.float32)
+        g = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = AdaFisher(model, lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            x = torch.randn(4, 3, 8, 8, generator=g)
+            y = torch.randint(0, 5, (4,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    whole = train(1 << 30)
+    for block in (1, 50, 7 * 27):
+        for p, q in zip(whole, train(block)):
+            assert torch.equal(p, q)
