@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,10 @@ __all__ = [
     "batchnorm_output_stats",
     "layernorm_input_stats",
     "layernorm_output_stats",
+    "Segments",
     "min_max",
     "flush_subnormal_",
+    "unfoldable",
     "statistics_ok",
     "fold_paper",
     "fold_reference",
@@ -231,9 +233,64 @@ def layernorm_output_stats(g: Tensor) -> tuple[Tensor, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def min_max(v: Tensor) -> Tensor:
-    """``(v − min v) / (max v − min v)``, all ones where ``max v == min v`` (paper variant)."""
-    lo, hi = torch.aminmax(v)
+class Segments:
+    """A flat vector read as consecutive pieces of fixed lengths (one factor vector each).
+
+    Folding every layer's factors as one vector costs a dozen kernels per statistics step
+    instead of a dozen per layer (docs/performance.md). Per-piece reductions are
+    ``scatter_reduce`` over :attr:`ids`; per-piece constants are spread to the elements.
+    """
+
+    def __init__(self, lengths: Sequence[int], device: torch.device) -> None:
+        self.lengths = tuple(int(n) for n in lengths)
+        self.device = device
+        sizes = torch.tensor(self.lengths)
+        self.ids = torch.repeat_interleave(torch.arange(len(self.lengths)), sizes).to(device)
+        """Piece index of every element."""
+        self._constants: dict[tuple[Any, ...], Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def spread(self, per_piece: Tensor) -> Tensor:
+        """A per-piece vector repeated over each piece's elements."""
+        return per_piece.index_select(0, self.ids)
+
+    def constants(self, values: Sequence[float | bool], dtype: torch.dtype) -> Tensor:
+        """Per-piece Python values spread to the elements, in ``dtype``; cached.
+
+        Made from the Python values (not computed on device), so an element sees exactly the
+        scalar a per-piece operation would have used; copied to the device without a sync.
+        """
+        key = (tuple(values), dtype)
+        found = self._constants.get(key)
+        if found is None:
+            if len(self._constants) >= 16:  # e.g. counts of a varying batch size: bounded
+                self._constants.clear()
+            per_piece = torch.tensor(list(values), dtype=dtype).to(self.device, non_blocking=True)
+            found = self._constants[key] = self.spread(per_piece)
+        return found
+
+    def aminmax(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Every element's piece minimum and maximum."""
+        n = len(self)
+        lo = v.new_full((n,), math.inf).scatter_reduce_(0, self.ids, v, "amin")
+        hi = v.new_full((n,), -math.inf).scatter_reduce_(0, self.ids, v, "amax")
+        return self.spread(lo), self.spread(hi)
+
+    def any(self, flags: Tensor) -> Tensor:
+        """Per piece: whether any of its elements is set (bool vector of ``len(self)``)."""
+        hits = torch.zeros(len(self), dtype=torch.uint8, device=flags.device)
+        return hits.scatter_reduce_(0, self.ids, flags.to(torch.uint8), "amax").bool()
+
+    def split(self, v: Tensor) -> tuple[Tensor, ...]:
+        return v.split(self.lengths)
+
+
+def min_max(v: Tensor, segments: Segments | None = None) -> Tensor:
+    """``(v − min v) / (max v − min v)``, all ones where ``max v == min v`` (paper variant);
+    per piece when ``segments`` is given."""
+    lo, hi = torch.aminmax(v) if segments is None else segments.aminmax(v)
     span = hi - lo
     return torch.where(span > 0, (v - lo) / torch.where(span > 0, span, 1.0), 1.0)
 
@@ -247,45 +304,71 @@ def flush_subnormal_(v: Tensor) -> Tensor:
     return v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
 
 
-def statistics_ok(variant: str, *stats: Tensor) -> Tensor:
-    """Whether a layer's statistics may be folded (0-dim bool tensor, decided on device).
+def unfoldable(variant: str, stat: Tensor) -> Tensor:
+    """Elementwise: entries that stop a layer's statistics from being folded.
 
-    Paper variant: every entry finite. Reference variant: no NaN (it maps ±inf itself).
+    Paper variant: inf and NaN. Reference variant: NaN only (it maps ±inf itself).
     """
-    if variant == "paper":
-        flags = [torch.isfinite(s).all() for s in stats]
-    else:
-        flags = [~torch.isnan(s).any() for s in stats]
-    ok = flags[0]
-    for f in flags[1:]:
-        ok = ok & f
+    return ~torch.isfinite(stat) if variant == "paper" else torch.isnan(stat)
+
+
+def statistics_ok(variant: str, *stats: Tensor) -> Tensor:
+    """Whether a layer's statistics may be folded (0-dim bool tensor, decided on device)."""
+    ok = ~unfoldable(variant, stats[0]).any()
+    for s in stats[1:]:
+        ok = ok & ~unfoldable(variant, s).any()
     return ok
 
 
-def fold_paper(factor: Tensor | None, stat: Tensor, gamma: float, ok: Tensor) -> Tensor:
+def _coefficients(
+    gamma: float | Sequence[float], scale: Callable[[float], float], like: Tensor,
+    segments: Segments | None,
+) -> float | Tensor:
+    if segments is None:
+        return scale(gamma)  # type: ignore[arg-type]
+    return segments.constants([scale(g) for g in gamma], like.dtype)  # type: ignore[union-attr]
+
+
+def fold_paper(
+    factor: Tensor | None, stat: Tensor, gamma: float | Sequence[float], ok: Tensor,
+    first: Tensor | None = None, segments: Segments | None = None,
+) -> Tensor:
     """Paper variant (Eq. 3): ``F ← γ·F + (1−γ)·stat``; the first statistics step takes ``stat``.
 
     Where ``ok`` is False the factor is returned unchanged (all ones if there was none yet).
+    Flat form (``segments``): ``gamma`` has one value per piece, ``ok`` and ``first`` (pieces
+    folded for the first time, whose ``factor`` entries hold ones) are per element.
     """
     if factor is None:
         new = torch.where(ok, stat, 1.0)
     else:
-        new = torch.where(ok, factor * gamma + stat * (1.0 - gamma), factor)
+        keep = _coefficients(gamma, lambda g: g, stat, segments)
+        take = _coefficients(gamma, lambda g: 1.0 - g, stat, segments)
+        blend = factor * keep + stat * take
+        if first is not None:
+            blend = torch.where(first, stat, blend)
+        new = torch.where(ok, blend, factor)
     return flush_subnormal_(new)
 
 
-def fold_reference(factor: Tensor | None, stat: Tensor, gamma: float, ok: Tensor) -> Tensor:
+def fold_reference(
+    factor: Tensor | None, stat: Tensor, gamma: float | Sequence[float], ok: Tensor,
+    segments: Segments | None = None,
+) -> Tensor:
     """Reference variant: ``F ← 0.1γ·F + 0.01γ·mm_ε(stat)``, starting from all ones.
 
     ``+inf → 1`` and ``−inf → 0`` before normalising, as in the released code. Where ``ok`` is
-    False (a NaN) the factor is returned unchanged.
+    False (a NaN) the factor is returned unchanged. Flat form as in :func:`fold_paper` (pieces
+    folded for the first time hold ones in ``factor``).
     """
     if factor is None:
         factor = torch.ones_like(stat)
     v = torch.nan_to_num(stat, nan=0.0, posinf=1.0, neginf=0.0)
-    lo, hi = torch.aminmax(v)
+    lo, hi = torch.aminmax(v) if segments is None else segments.aminmax(v)
     normalised = (v - lo) / (hi - lo + REFERENCE_MM_EPS)
-    new = torch.where(ok, factor * (0.1 * gamma) + normalised * (0.01 * gamma), factor)
+    keep = _coefficients(gamma, lambda g: 0.1 * g, stat, segments)
+    take = _coefficients(gamma, lambda g: 0.01 * g, stat, segments)
+    new = torch.where(ok, factor * keep + normalised * take, factor)
     return flush_subnormal_(new)
 
 

@@ -134,6 +134,7 @@ class AdaFisher(Optimizer):
         self._collector: StatisticsCollector | None = None
         self._binding: dict[int, tuple[BoundLayer, str]] = {}
         self._normalised: dict[int, tuple[Tensor, Tensor]] = {}
+        self._layouts: dict[tuple[tuple[int, ...], torch.device], tuple[fn.Segments, fn.Segments]] = {}
         self._workspace: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         """Scratch for one block of a weight's ``F`` at a time (single-tensor path; not state)."""
         self._warned_unattached = False
@@ -296,32 +297,25 @@ class AdaFisher(Optimizer):
         layers = self._collector.layers
         if self.statistics_reducer is not None:
             pending = self.statistics_reducer(layers, pending)
-        fold = fn.fold_paper if self.variant == "paper" else fn.fold_reference
-        scale = self.statistics_grad_scale
-        rescale = isinstance(scale, Tensor) or scale != 1.0
-        folded: list[tuple[str, Tensor]] = []
         # One pass over the groups per statistics step, not one scan per layer.
         gamma_of = {id(p): group["gamma"] for group in self.param_groups for p in group["params"]}
+        batches: dict[tuple[torch.device, torch.dtype], list[tuple[BoundLayer, PendingStats]]] = {}
         for layer in layers:
             stats = pending.get(layer.name)
             if stats is None or not stats.complete:
                 continue
-            h = stats.h_total / stats.h_count
-            s = stats.s_total / stats.s_count
-            if rescale:
-                s = s / (scale * scale)
-            ok = fn.statistics_ok(self.variant, h, s)
-            gamma = gamma_of[id(layer.primary)]
-            state = self.state[layer.primary]
-            state[FACTOR_H] = fold(state.get(FACTOR_H), h, gamma, ok)
-            state[FACTOR_S] = fold(state.get(FACTOR_S), s, gamma, ok)
-            state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
-            self._normalised.pop(id(layer.primary), None)
-            folded.append((layer.name, ok))
-        self._report_skipped(folded)
+            assert stats.h_total is not None and stats.s_total is not None
+            key = (stats.h_total.device, torch.promote_types(stats.h_total.dtype, stats.s_total.dtype))
+            batches.setdefault(key, []).append((layer, stats))
+        names: list[str] = []
+        flags: list[Tensor] = []
+        for (device, dtype), batch in batches.items():
+            flags.append(self._fold_batch(batch, device, dtype, gamma_of))
+            names += [layer.name for layer, _ in batch]
+        self._report_skipped(names, flags)
         if not self._checked_first_statistics:
             self._checked_first_statistics = True
-            seen = {name for name, _ in folded}
+            seen = set(names)
             missing = [layer.name for layer in layers if layer.name not in seen]
             if missing:
                 warnings.warn(
@@ -331,15 +325,73 @@ class AdaFisher(Optimizer):
                     stacklevel=3,
                 )
 
-    def _report_skipped(self, folded: list[tuple[str, Tensor]]) -> None:
-        if not folded:
+    def _fold_batch(
+        self, batch: list[tuple[BoundLayer, PendingStats]], device: torch.device,
+        dtype: torch.dtype, gamma_of: dict[int, float],
+    ) -> Tensor:
+        """Fold the statistics of layers on one device and dtype as one flat vector
+        ``[h₁, s₁, h₂, s₂, ...]`` (:class:`functional.Segments`); returns per-layer ``ok``."""
+        totals: list[Tensor] = []
+        counts: list[float] = []
+        old: list[Tensor] = []
+        first: list[bool] = []
+        gammas: list[float] = []
+        for layer, stats in batch:
+            state = self.state[layer.primary]
+            new_layer = FACTOR_H not in state
+            for total, count, key in ((stats.h_total, stats.h_count, FACTOR_H), (stats.s_total, stats.s_count, FACTOR_S)):
+                assert total is not None
+                totals.append(total)
+                counts.append(count)
+                old.append(total.new_ones(total.shape) if new_layer else state[key])
+            first += [new_layer, new_layer]
+            gammas += [gamma_of[id(layer.primary)]] * 2
+        pieces, per_layer = self._segments_for(tuple(t.numel() for t in totals), device)
+        stat = torch.cat(totals).to(dtype) / pieces.constants(counts, dtype)
+        scale = self.statistics_grad_scale
+        if isinstance(scale, Tensor) or scale != 1.0:
+            is_s = pieces.constants([False, True] * len(batch), torch.bool)
+            stat = torch.where(is_s, stat / (scale * scale), stat)
+        ok_layer = ~per_layer.any(fn.unfoldable(self.variant, stat))
+        ok = per_layer.spread(ok_layer)
+        factor = torch.cat(old).to(dtype)
+        if self.variant == "paper":
+            starts = pieces.constants(first, torch.bool) if any(first) else None
+            new = fn.fold_paper(factor, stat, gammas, ok, first=starts, segments=pieces)
+            normalised = fn.flush_subnormal_(fn.min_max(new, pieces))
+        else:
+            new = fn.fold_reference(factor, stat, gammas, ok, segments=pieces)
+            normalised = new
+        parts, norm_parts = pieces.split(new), pieces.split(normalised)
+        for k, (layer, _) in enumerate(batch):
+            state = self.state[layer.primary]
+            state[FACTOR_H], state[FACTOR_S] = parts[2 * k], parts[2 * k + 1]
+            state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
+            self._normalised[id(layer.primary)] = (norm_parts[2 * k], norm_parts[2 * k + 1])
+        return ok_layer
+
+    def _segments_for(
+        self, lengths: tuple[int, ...], device: torch.device
+    ) -> tuple[fn.Segments, fn.Segments]:
+        """The flat layout of a fold (factor pieces, and the layers they pair into); cached."""
+        key = (lengths, device)
+        found = self._layouts.get(key)
+        if found is None:
+            if len(self._layouts) >= 8:
+                self._layouts.clear()
+            pairs = [lengths[i] + lengths[i + 1] for i in range(0, len(lengths), 2)]
+            found = self._layouts[key] = (fn.Segments(lengths, device), fn.Segments(pairs, device))
+        return found
+
+    def _report_skipped(self, names: list[str], flags: list[Tensor]) -> None:
+        if not names:
             return
-        flags = torch.stack([ok for _, ok in folded])
+        ok = flags[0] if len(flags) == 1 else torch.cat([f.to(flags[0].device) for f in flags])
         # One host read per statistics step (free on CPU); on accelerators it is the only sync.
-        if bool(flags.all()):
+        if bool(ok.all()):
             return
         skipped = self._global_state()[GLOBAL_SKIPPED]
-        bad = [name for (name, _), ok in zip(folded, flags.tolist()) if not ok]
+        bad = [name for name, good in zip(names, ok.tolist()) if not good]
         for name in bad:
             skipped[name] = skipped.get(name, 0) + 1
         what = "inf/NaN" if self.variant == "paper" else "NaN"

@@ -142,3 +142,35 @@ def test_conv2d_padding_same_matches_torch():
     # torch puts the odd pixel of 'same' padding on the right/bottom
     assert fn.conv2d_padding("same", (2, 4), (1, 1)) == (1, 2, 0, 1)
     assert fn.conv2d_padding((1, 2), (3, 3), (1, 1)) == (2, 2, 1, 1)
+
+
+def test_flat_fold_equals_per_layer_fold_bitwise():
+    """The optimizer folds every layer as one flat vector (fn.Segments): each piece must come
+    out exactly as the per-layer functions give it — first folds, later folds, rejected
+    statistics (inf/NaN), constant pieces (min-max span 0) and per-piece gammas included."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 3, 1, 4, 6, 2]
+    stats = [torch.rand(n, generator=g) * 10.0 ** k for k, n in enumerate(lengths)]
+    stats[1] = torch.full((3,), 2.5)                       # constant piece
+    stats[4][2] = float("inf")                             # rejected by the paper variant
+    stats[5][0] = float("nan")                             # rejected by both
+    factors = [None, torch.rand(3, generator=g), None, torch.rand(4, generator=g), torch.rand(6, generator=g), None]
+    gammas = [0.92, 0.92, 0.8, 0.8, 0.5, 0.5]
+    pieces = fn.Segments(lengths, torch.device("cpu"))
+    stat = torch.cat(stats)
+    old = torch.cat([f if f is not None else torch.ones(n) for f, n in zip(factors, lengths)])
+    first = pieces.constants([f is None for f in factors], torch.bool)
+    for variant in ("paper", "reference"):
+        ok_piece = ~torch.stack([fn.unfoldable(variant, s).any() for s in stats])
+        ok = pieces.spread(ok_piece)
+        if variant == "paper":
+            flat = fn.fold_paper(old, stat, gammas, ok, first=first, segments=pieces)
+            each = [fn.fold_paper(f, s, gm, fn.statistics_ok(variant, s)) for f, s, gm in zip(factors, stats, gammas)]
+        else:
+            flat = fn.fold_reference(old, stat, gammas, ok, segments=pieces)
+            each = [fn.fold_reference(f, s, gm, fn.statistics_ok(variant, s)) for f, s, gm in zip(factors, stats, gammas)]
+        for k, (a, b) in enumerate(zip(pieces.split(flat), each)):
+            assert torch.equal(a, b), (variant, k, a, b)
+        for a, b in zip(pieces.split(fn.min_max(flat, pieces)), each):
+            assert torch.equal(a, fn.min_max(b))
+    assert pieces.any(torch.isnan(stat)).tolist() == [False, False, False, False, False, True]
