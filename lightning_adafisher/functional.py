@@ -377,41 +377,44 @@ def fold_reference(
 # --------------------------------------------------------------------------------------------
 
 
+class KronFactors(NamedTuple):
+    """A parameter's Fisher diagonal, left unmaterialised: over the parameter viewed as
+    ``[-1, len(cols)]``, ``F[i, j] = rows[i]·cols[j] + damping``; a one-entry ``rows``
+    broadcasts over every row.
+
+    Every built-in layer's ``F`` has this form (``layers.LayerHelper.kron_factors``): a weight
+    ``[out, in...]`` is ``(S', H'[:in])``, its bias ``(S', H'[-1:])``, a norm layer's weight
+    ``(H'[0:1], S')``, the identity ``(1, 1)`` with ``damping`` such that ``F = 1 + λ`` or ``1``.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    damping: float
+
+    def materialise(self, shape: Sequence[int]) -> Tensor:
+        """``F`` as a tensor of ``shape`` (a parameter-sized temporary)."""
+        cols = self.cols.numel()
+        f = torch.mul(self.rows.unsqueeze(1), self.cols.unsqueeze(0)).add_(self.damping)
+        return f.expand(math.prod(shape) // cols, cols).reshape(shape)
+
+
 def kron_denominator(
-    s_norm: Tensor,
-    h_norm: Tensor,
-    damping: float,
-    shape: torch.Size,
-    bias: bool,
-    out: Tensor | None = None,
+    s_norm: Tensor, h_norm: Tensor, damping: float, shape: torch.Size, bias: bool
 ) -> Tensor:
     """``S'[o]·H'[i] + λ`` for a weight of ``shape`` (``bias=False``) or a bias (``bias=True``).
 
     Built by broadcasting into a temporary of the parameter's size, never as a Kronecker matrix.
-    ``out``, if given, is a 1-D workspace of at least ``prod(shape)`` elements (dtype of the
-    factors) that the weight's ``F`` is written into; the returned tensor is a view of it.
-    Reusing one workspace across parameters avoids allocating (and page-faulting) a fresh
-    parameter-sized buffer per parameter and step (docs/performance.md).
     """
-    if bias:
-        return torch.add(s_norm * h_norm[-1], damping).view(shape)
-    rows = shape[0]
-    cols = math.prod(shape[1:])
-    # A broadcast multiply then an in-place add of the damping (docs/performance.md).
-    if out is None:
-        target = torch.mul(s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0))
-    else:
-        target = out[: rows * cols].view(rows, cols)
-        torch.mul(s_norm.unsqueeze(1), h_norm[:cols].unsqueeze(0), out=target)
-    return target.add_(damping).view(shape)
+    cols = h_norm[-1:] if bias else h_norm[: math.prod(shape[1:])]
+    return KronFactors(s_norm, cols, damping).materialise(shape)
 
 
 def norm_denominator(
     s_norm: Tensor, h_norm: Tensor, damping: float, shape: torch.Size, bias: bool
 ) -> Tensor:
     """Norm layers: weight ``S'·H'[0] + λ``, bias ``S'·H'[1] + λ`` (``S'`` on the last dim)."""
-    entry = h_norm[1] if bias else h_norm[0]
-    return torch.add(s_norm * entry, damping).expand(shape)
+    entry = h_norm[1:2] if bias else h_norm[0:1]
+    return KronFactors(entry, s_norm, damping).materialise(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,36 +422,32 @@ def norm_denominator(
 # --------------------------------------------------------------------------------------------
 
 
-class KronFactors(NamedTuple):
-    """``F = rows[:, None]·cols[None, :] + damping`` over the ``[rows, cols]`` view of a weight,
-    left unmaterialised for the fused update."""
-
-    rows: Tensor
-    cols: Tensor
-    damping: float
-
-
-def _kron_step(
-    p: Tensor, m: Tensor, g: Tensor, rows: Tensor, cols: Tensor, one_minus_beta: Tensor,
-    damping: Tensor, step_size: Tensor, decay: Tensor, l2: Tensor,
+def _fused_group_step(
+    params: list[Tensor], exp_avgs: list[Tensor], grads: list[Tensor], rows: list[Tensor],
+    cols: list[Tensor], scalars: Tensor,
 ) -> None:
-    """One parameter's whole update, written so that a compiler can fuse it into one pass:
-    ``m ← lerp(m, g + l2·p, 1−β)``, ``p ← decay·p − step·m / (rows⊗cols + λ)``."""
-    m_new = torch.lerp(m, g + l2 * p, one_minus_beta)
-    p_new = p * decay - step_size * m_new / (rows[:, None] * cols[None, :] + damping)
-    m.copy_(m_new)
-    p.copy_(p_new)
+    """Every parameter's whole update, written so that a compiler fuses each into one pass:
+    ``m ← lerp(m, g + l2·p, 1−β)``, ``p ← decay·p − step·m / (rows⊗cols + λ)``, with
+    ``scalars[i] = (1−β, λ, step, decay, l2)`` (a tensor, so new values never recompile)."""
+    for i in range(len(params)):
+        p, m, g = params[i], exp_avgs[i], grads[i]
+        one_minus_beta, damping, step_size, decay, l2 = scalars[i].unbind()
+        m_new = torch.lerp(m, g + l2 * p, one_minus_beta)
+        p_new = p * decay - step_size * m_new / (rows[i][:, None] * cols[i][None, :] + damping)
+        m.copy_(m_new)
+        p.copy_(p_new)
 
 
-_compiled_kron_step: Callable[..., None] | None = None
+_compiled_group_step: Callable[..., None] | None = None
 
 
-def _fused_kron_step() -> Callable[..., None]:
-    """``_kron_step`` compiled once (shape-generic) with ``torch.compile``."""
-    global _compiled_kron_step
-    if _compiled_kron_step is None:
-        _compiled_kron_step = torch.compile(_kron_step, dynamic=True)
-    return _compiled_kron_step
+def _fused_step() -> Callable[..., None]:
+    """:func:`_fused_group_step` compiled once with ``torch.compile``: one graph per list of
+    shapes (a model's parameter list is fixed, so it compiles on the first step)."""
+    global _compiled_group_step
+    if _compiled_group_step is None:
+        _compiled_group_step = torch.compile(_fused_group_step, dynamic=False)
+    return _compiled_group_step
 
 
 UPDATE_BLOCK = 1 << 22
@@ -476,45 +475,72 @@ def adafisher_update(
     """Apply one AdaFisher(W) update in place.
 
     ``denominators[i]`` is the parameter's Fisher diagonal ``F``: a tensor, a float for the
-    identity fallback, or :class:`KronFactors` for a Kronecker-factored weight, whose ``F`` is
-    never materialised whole. Those are updated
+    identity fallback, or :class:`KronFactors`, whose ``F`` is never materialised whole. Those
+    are updated
 
-    * with ``fused``: by one compiled pass per parameter (moment, decay, preconditioned step);
+    * with ``fused``: all in one compiled call (one pass per parameter: moment, decay and
+      preconditioned step);
     * on the single-tensor path: ``F`` written into ``workspace(numel, dtype, device)`` (one
       reusable scratch buffer) right before it is used, in blocks of at most
       :data:`UPDATE_BLOCK` elements;
     * on the multi-tensor path: with ``F`` materialised per parameter.
 
-    All three give the same numbers as the plain formula (the eager two bitwise).
+    All give the same numbers as the plain formula (the eager paths bitwise, the fused one to
+    rounding). A non-contiguous parameter takes the materialised path.
     ``steps[i]`` is the parameter's own update count including this one.
     """
     if not params:
         return
-    kron = [i for i, d in enumerate(denominators) if isinstance(d, KronFactors)]
-    if kron and (fused or not foreach):
-        kernel = _fused_kron_step() if fused else None
-        for i in kron:
-            kwargs = dict(lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled)
-            if kernel is not None and params[i].is_contiguous():
-                _fused_update_one(kernel, params[i], grads[i], exp_avgs[i], denominators[i], steps[i], **kwargs)  # type: ignore[arg-type]
-            else:
+    kwargs = dict(lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled)
+    viewable = [
+        isinstance(d, KronFactors) and params[i].is_contiguous() and exp_avgs[i].is_contiguous()
+        for i, d in enumerate(denominators)
+    ]
+    if fused or not foreach:
+        kron = [i for i, ok in enumerate(viewable) if ok]
+        if fused:
+            _fused_update([params[i] for i in kron], [grads[i] for i in kron], [exp_avgs[i] for i in kron],
+                          [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs)  # type: ignore[misc]
+        else:
+            for i in kron:
                 _blocked_kron_update(params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
                                      workspace=workspace, **kwargs)
-        keep = [i for i in range(len(params)) if not isinstance(denominators[i], KronFactors)]
+        keep = [i for i, ok in enumerate(viewable) if not ok]
         params, grads, exp_avgs = [params[i] for i in keep], [grads[i] for i in keep], [exp_avgs[i] for i in keep]
         denominators, steps = [denominators[i] for i in keep], [steps[i] for i in keep]
-        if not params:
-            return
-    if foreach:
-        _multi_tensor_update(
-            params, grads, exp_avgs, denominators, steps,
-            lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled,
-        )
-    else:
-        _single_tensor_update(
-            params, grads, exp_avgs, denominators, steps,  # type: ignore[arg-type]
-            lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled,
-        )
+    denominators = [
+        d.materialise(p.shape).to(p.dtype) if isinstance(d, KronFactors) else d
+        for p, d in zip(params, denominators)
+    ]
+    if not params:
+        return
+    update = _multi_tensor_update if foreach else _single_tensor_update
+    update(params, grads, exp_avgs, denominators, steps, **kwargs)  # type: ignore[arg-type]
+
+
+def _fused_update(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], kron: list[KronFactors],
+    steps: list[int], *, lr: float, beta: float, weight_decay: float, decoupled: bool,
+) -> None:
+    if not params:
+        return
+    views = [(k.cols.numel(), p.dtype) for p, k in zip(params, kron)]
+    scalars = torch.tensor(
+        [
+            (1.0 - beta, k.damping, lr / (1.0 - beta**t),
+             1.0 - lr * weight_decay if decoupled else 1.0, 0.0 if decoupled else weight_decay)
+            for k, t in zip(kron, steps)
+        ],
+        dtype=params[0].dtype,
+    ).to(params[0].device, non_blocking=True)
+    _fused_step()(
+        [p.view(-1, n) for p, (n, _) in zip(params, views)],
+        [m.view(-1, n) for m, (n, _) in zip(exp_avgs, views)],
+        [g.reshape(-1, n) for g, (n, _) in zip(grads, views)],
+        [k.rows.to(dt) for k, (_, dt) in zip(kron, views)],
+        [k.cols.to(dt) for k, (_, dt) in zip(kron, views)],
+        scalars,
+    )
 
 
 def _blocked_kron_update(
@@ -522,18 +548,19 @@ def _blocked_kron_update(
     lr: float, beta: float, weight_decay: float, decoupled: bool,
     workspace: Callable[[int, torch.dtype, torch.device], Tensor] | None,
 ) -> None:
-    """The single-tensor update of one Kronecker-factored weight, over blocks of rows.
+    """The single-tensor update of one parameter with Kronecker factors, over blocks of rows.
 
-    Per block: ``m ← lerp(m, g (+ κp), 1−β)``, decoupled decay, ``F = S'⊗H' (+ λ)`` into the
+    Per block: ``m ← lerp(m, g (+ κp), 1−β)``, decoupled decay, ``F = rows⊗cols + λ`` into the
     scratch buffer, ``p ← p − step·m/F``. Each element sees exactly the ops of the unblocked
     update, so the result is bitwise the same whatever the block size.
     """
-    rows = p.shape[0]
-    cols = p[0].numel() if rows else 0
+    cols = kron.cols.numel()
+    rows = p.numel() // cols
     p2, g2, m2 = p.view(rows, cols), g.reshape(rows, cols), m.view(rows, cols)
-    s_rows, h_cols = kron.rows.to(p.dtype), kron.cols[:cols].to(p.dtype)
+    r_all = kron.rows.to(p.dtype)
+    c_all = kron.cols.to(p.dtype).unsqueeze(0)
     step_size = lr / (1.0 - beta**t)
-    block_rows = max(1, min(rows, UPDATE_BLOCK // max(cols, 1)))
+    block_rows = max(1, min(rows, UPDATE_BLOCK // cols))
     scratch = (
         workspace(block_rows * cols, p.dtype, p.device) if workspace is not None
         else p.new_empty(block_rows * cols)
@@ -547,27 +574,10 @@ def _blocked_kron_update(
         if weight_decay != 0.0 and decoupled:
             pb.mul_(1.0 - lr * weight_decay)
         denom = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
-        torch.mul(s_rows[r0:r1].unsqueeze(1), h_cols.unsqueeze(0), out=denom)
+        r_block = r_all.expand(rows) if r_all.numel() == 1 else r_all
+        torch.mul(r_block[r0:r1].unsqueeze(1), c_all, out=denom)
         denom.add_(kron.damping)
         pb.addcdiv_(mb, denom, value=-step_size)
-
-
-def _fused_update_one(
-    kernel: Callable[..., None], p: Tensor, g: Tensor, m: Tensor, kron: KronFactors, t: int, *,
-    lr: float, beta: float, weight_decay: float, decoupled: bool,
-) -> None:
-    def scalar(v: float) -> Tensor:
-        # 0-d tensors, not Python floats: a float argument would recompile at every new value.
-        return torch.tensor(v, dtype=p.dtype, device=p.device)
-
-    rows = p.shape[0]
-    kernel(
-        p.view(rows, -1), m.view(rows, -1), g.view(rows, -1),
-        kron.rows.to(p.dtype), kron.cols.to(p.dtype), scalar(1.0 - beta), scalar(kron.damping),
-        scalar(lr / (1.0 - beta**t)),
-        scalar(1.0 - lr * weight_decay if decoupled else 1.0),
-        scalar(0.0 if decoupled else weight_decay),
-    )
 
 
 def _single_tensor_update(
@@ -599,7 +609,7 @@ def _multi_tensor_update(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
-    denominators: list[Tensor | float | KronFactors],
+    denominators: list[Tensor | float],
     steps: list[int],
     *,
     lr: float,
@@ -607,11 +617,6 @@ def _multi_tensor_update(
     weight_decay: float,
     decoupled: bool,
 ) -> None:
-    denominators = [
-        kron_denominator(d.rows.to(p.dtype), d.cols.to(p.dtype), d.damping, p.shape, bias=False)
-        if isinstance(d, KronFactors) else d
-        for p, d in zip(params, denominators)
-    ]
     if weight_decay != 0.0 and not decoupled:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)

@@ -72,12 +72,27 @@ class LayerHelper:
         """Raw output-side statistic ``s`` of one call, as ``(total, count)``."""
         raise NotImplementedError
 
+    def kron_factors(
+        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(rows, cols)`` with ``F = rows⊗cols + λ`` over ``param`` viewed as
+        ``[-1, len(cols)]`` (see :class:`functional.KronFactors`). Default: a weight
+        ``[out, in...]`` has ``(S', H'[:in])``, a bias ``(S', H'[-1:])``."""
+        if role == "bias":
+            return s_norm, h_norm[-1:]
+        return s_norm, h_norm[: param[0].numel()]
+
     def denominator(
         self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor,
         damping: float,
     ) -> Tensor:
-        """The Fisher diagonal ``F`` of ``param`` (same shape), from normalised factors."""
-        return fn.kron_denominator(s_norm, h_norm, damping, param.shape, bias=role == "bias")
+        """The Fisher diagonal ``F`` of ``param`` (same shape), from normalised factors.
+
+        Override :meth:`kron_factors` when ``F`` has the Kronecker form (the update then never
+        materialises it); override this only for an ``F`` that has not.
+        """
+        rows, cols = self.kron_factors(module, role, param, h_norm, s_norm)
+        return fn.KronFactors(rows, cols, damping).materialise(param.shape)
 
 
 class LinearHelper(LayerHelper):
@@ -134,11 +149,11 @@ class BatchNormHelper(LayerHelper):
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.batchnorm_output_stats(g)
 
-    def denominator(
-        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor,
-        damping: float,
-    ) -> Tensor:
-        return fn.norm_denominator(s_norm, h_norm, damping, param.shape, bias=role == "bias")
+    def kron_factors(
+        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        # weight: S'·H'[0] + λ, bias: S'·H'[1] + λ, with S' on the last dim
+        return (h_norm[1:2] if role == "bias" else h_norm[0:1]), s_norm
 
 
 class LayerNormHelper(BatchNormHelper):
@@ -176,11 +191,10 @@ class EmbeddingHelper(LayerHelper):
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.linear_output_stats(g)
 
-    def denominator(
-        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor,
-        damping: float,
-    ) -> Tensor:
-        return fn.kron_denominator(h_norm, s_norm, damping, param.shape, bias=False)
+    def kron_factors(
+        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return h_norm, s_norm
 
 
 class TransposedLinearHelper(LinearHelper):
@@ -191,13 +205,10 @@ class TransposedLinearHelper(LinearHelper):
         d_in, d_out = module.weight.shape
         return d_in + (module.bias is not None), d_out
 
-    def denominator(
-        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor,
-        damping: float,
-    ) -> Tensor:
-        if role == "bias":
-            return fn.kron_denominator(s_norm, h_norm, damping, param.shape, bias=True)
-        return fn.kron_denominator(h_norm[: param.shape[0]], s_norm, damping, param.shape, bias=False)
+    def kron_factors(
+        self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return (h_norm[-1:] if role == "bias" else h_norm[: param.shape[0]]), s_norm
 
 
 _REGISTRY: list[tuple[type[nn.Module], LayerHelper]] = [

@@ -134,6 +134,7 @@ class AdaFisher(Optimizer):
         self._collector: StatisticsCollector | None = None
         self._binding: dict[int, tuple[BoundLayer, str]] = {}
         self._normalised: dict[int, tuple[Tensor, Tensor]] = {}
+        self._ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._layouts: dict[tuple[tuple[int, ...], torch.device], tuple[fn.Segments, fn.Segments]] = {}
         self._workspace: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         """Scratch for one block of a weight's ``F`` at a time (single-tensor path; not state)."""
@@ -432,19 +433,26 @@ class AdaFisher(Optimizer):
         self._normalised[id(primary)] = (h, s)
         return h, s
 
-    def _denominator(self, p: Tensor, damping: float) -> Tensor | float | fn.KronFactors:
+    def _denominator(self, p: Tensor, damping: float, fused: bool) -> Tensor | float | fn.KronFactors:
         bound = self._binding.get(id(p))
-        if bound is None:
-            return 1.0 + damping if self.variant == "paper" else 1.0
+        factors = None if bound is None else self._normalised_factors(bound[0].primary)
+        if bound is None or factors is None:
+            # No supported layer (1 + λ, or 1 in the reference variant), or a supported layer
+            # before its first statistics (1 + λ).
+            identity = 1.0 if bound is None and self.variant == "reference" else 1.0 + damping
+            if not fused:
+                return identity
+            one = self._ones.get((p.device, p.dtype))
+            if one is None:
+                one = self._ones[(p.device, p.dtype)] = torch.ones(1, dtype=p.dtype, device=p.device)
+            return fn.KronFactors(one, one, identity - 1.0)
         layer, role = bound
-        factors = self._normalised_factors(layer.primary)
-        if factors is None:
-            return 1.0 + damping  # a supported layer before its first statistics
         h_norm, s_norm = factors
-        if role != "bias" and type(layer.helper).denominator is LayerHelper.denominator:
-            # The built-in S'⊗H' + λ of a weight, left unmaterialised: the update builds it
-            # block by block in a small scratch buffer (or inline, when fused).
-            return fn.KronFactors(s_norm, h_norm[: p[0].numel()], damping)
+        if type(layer.helper).denominator is LayerHelper.denominator:
+            # F = rows⊗cols + λ, left unmaterialised: the update builds it block by block in a
+            # small scratch buffer (or inline, when fused).
+            rows, cols = layer.helper.kron_factors(layer.module, role, p, h_norm, s_norm)
+            return fn.KronFactors(rows, cols, damping)
         denom = layer.helper.denominator(layer.module, role, p, h_norm, s_norm, damping)
         return denom if denom.dtype == p.dtype else denom.to(p.dtype)
 
@@ -476,12 +484,12 @@ class AdaFisher(Optimizer):
         foreach = group["foreach"]
         if foreach is None:
             foreach = bool(params) and all(p.is_cuda for p in params)
-        denoms = [self._denominator(p, group["damping"]) for p in params]
+        fused = group.get("fused", False)
+        denoms = [self._denominator(p, group["damping"], fused) for p in params]
         fn.adafisher_update(
             params, grads, exp_avgs, denoms, steps,
             lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],
-            decoupled=self._decoupled, foreach=foreach, fused=group.get("fused", False),
-            workspace=self._scratch,
+            decoupled=self._decoupled, foreach=foreach, fused=fused, workspace=self._scratch,
         )
 
     # --- checkpointing ----------------------------------------------------------------------

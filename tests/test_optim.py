@@ -288,3 +288,26 @@ def test_blocked_kron_update_is_bitwise_the_unblocked_one(monkeypatch):
     for block in (1, 50, 7 * 27):
         for p, q in zip(whole, train(block)):
             assert torch.equal(p, q)
+
+
+def test_channels_last_weights_take_the_materialised_path_with_the_same_numbers():
+    """A channels_last conv weight cannot be viewed as [out, in·kh·kw]: its F is materialised
+    in the weight's own shape instead, and training matches the contiguous model."""
+
+    def train(channels_last):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            assert not model[0].weight.is_contiguous()
+        g = torch.Generator().manual_seed(1)
+        opt = AdaFisher(model, lr=1e-2)
+        for _ in range(3):
+            x = torch.randn(5, 3, 8, 8, generator=g, dtype=torch.float64)
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0, 1])).backward()
+            opt.step()
+        return [p.detach().contiguous() for p in model.parameters()]
+
+    for p, q in zip(train(False), train(True)):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
