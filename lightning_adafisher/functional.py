@@ -195,7 +195,8 @@ def batchnorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
     spatial = x[0, 0].numel()
     dims = [0] + list(range(2, x.dim()))
     a = x.sum(dims) / float(spatial) ** 2
-    h = torch.stack((a.square().sum(), a.new_tensor(float(c)))) / float(b) ** 2
+    # new_full is a fill on the device; new_tensor would copy from the host (a sync on CUDA).
+    h = torch.cat((a.square().sum().view(1), a.new_full((1,), float(c)))) / float(b) ** 2
     return h, 1.0
 
 
@@ -216,7 +217,7 @@ def layernorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
     other = [d for d in range(x.dim()) if d != 1]
     d_norm = math.prod(x.shape[d] for d in other if d != 0)
     a = x.sum(other) / float(d_norm) ** 2
-    h = torch.stack((a.square().sum(), a.new_tensor(float(a.numel())))) / float(b) ** 2
+    h = torch.cat((a.square().sum().view(1), a.new_full((1,), float(a.numel())))) / float(b) ** 2
     return h, 1.0
 
 

@@ -142,9 +142,14 @@ class AdaFisher(Optimizer):
         self._checked_first_statistics = False
         self.statistics_reducer: StatisticsReducer | None = None
         """Called with the pooled statistics of a step before folding (DDP all-reduce)."""
+        self.defer_skip_check: bool | None = None
+        """Read the non-finite-statistics flags one statistics step late instead of at once
+        (default ``None``: on CUDA only, where reading them at once would sync the device)."""
+        self._pending_check: tuple[list[str], Tensor, Any] | None = None
         self.statistics_grad_scale: float | Tensor = 1.0
         """Loss scale the gradients ``G`` carry (AMP); ``s`` is divided by its square."""
         self.register_load_state_dict_post_hook(AdaFisher._after_load_state_dict)
+        self.register_state_dict_pre_hook(AdaFisher._before_state_dict)
         self.register_state_dict_post_hook(AdaFisher._copy_global_state)
         if model is not None:
             self.attach(model)
@@ -385,14 +390,44 @@ class AdaFisher(Optimizer):
         return found
 
     def _report_skipped(self, names: list[str], flags: list[Tensor]) -> None:
+        """Count and warn about layers whose statistics were not folded.
+
+        Reading the flags is a device-to-host copy. On CPU it is free and happens now; on CUDA
+        (or with :attr:`defer_skip_check`) the flags are copied asynchronously and read at the
+        next statistics step or ``state_dict()``, so the step never waits for the device.
+        """
+        self._resolve_skip_check()
         if not names:
             return
         ok = flags[0] if len(flags) == 1 else torch.cat([f.to(flags[0].device) for f in flags])
-        # One host read per statistics step (free on CPU); on accelerators it is the only sync.
-        if bool(ok.all()):
+        defer = self.defer_skip_check if self.defer_skip_check is not None else ok.is_cuda
+        if not defer:
+            self._count_skipped(names, ok)
+            return
+        event = None
+        if ok.is_cuda:
+            host = torch.empty(ok.shape, dtype=ok.dtype, pin_memory=True)
+            host.copy_(ok, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = ok.to("cpu", copy=True)
+        self._pending_check = (names, host, event)
+
+    def _resolve_skip_check(self) -> None:
+        pending, self._pending_check = self._pending_check, None
+        if pending is not None:
+            names, host, event = pending
+            if event is not None:
+                event.synchronize()  # long done: it was recorded a step or more ago
+            self._count_skipped(names, host)
+
+    def _count_skipped(self, names: list[str], ok: Tensor) -> None:
+        flags = ok.cpu().numpy()  # a host tensor here, unless deferral was turned off on CUDA
+        if flags.all():
             return
         skipped = self._global_state()[GLOBAL_SKIPPED]
-        bad = [name for name, good in zip(names, ok.tolist()) if not good]
+        bad = [name for name, good in zip(names, flags) if not good]
         for name in bad:
             skipped[name] = skipped.get(name, 0) + 1
         what = "inf/NaN" if self.variant == "paper" else "NaN"
@@ -400,7 +435,7 @@ class AdaFisher(Optimizer):
             f"AdaFisher: statistics containing {what} were not folded into the factors of "
             f"{', '.join(bad)} (their H and S are unchanged this step); counts so far are in "
             "optimizer.state['adafisher']['skipped_statistics']",
-            stacklevel=3,
+            stacklevel=4,
         )
 
     def _warn_unattached(self) -> None:
@@ -495,6 +530,10 @@ class AdaFisher(Optimizer):
     # --- checkpointing ----------------------------------------------------------------------
 
     @staticmethod
+    def _before_state_dict(self: AdaFisher) -> None:
+        self._resolve_skip_check()  # deferred counts belong in the checkpoint
+
+    @staticmethod
     def _copy_global_state(self: AdaFisher, state_dict: dict[str, Any]) -> dict[str, Any]:
         # Tensors in a state_dict alias the live state, as in torch; the counters are plain
         # Python objects, so copy them lest a saved dict keep counting with the optimizer.
@@ -503,6 +542,7 @@ class AdaFisher(Optimizer):
         return state_dict
 
     def _after_load_state_dict(self) -> None:
+        self._pending_check = None  # flags of the replaced state
         if GLOBAL in self.state:
             self.state[GLOBAL] = copy.deepcopy(self.state[GLOBAL])  # type: ignore[index]
         # torch casts floating state to the parameter's dtype; factors live in >= float32.

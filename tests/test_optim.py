@@ -311,3 +311,61 @@ def test_channels_last_weights_take_the_materialised_path_with_the_same_numbers(
 
     for p, q in zip(train(False), train(True)):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts tensor → Python scalar conversions (.item(), bool(), float()): on an accelerator
+    each one waits for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_hooks_and_step_read_nothing_back_from_the_device():
+    """With the skip check deferred (the CUDA default), neither the statistics hooks nor the
+    step (fold + update) turn a tensor into a Python value."""
+    model = make_mixed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(model, weight_decay=0.1, **HP)
+    opt.defer_skip_check = True
+    for x, y in _batches(3):
+        opt.zero_grad()
+        with _HostReads() as reads:
+            _loss(model, (x, y)).backward()
+            opt.step()
+        assert reads.count == 0
+
+
+def test_deferred_skip_check_reports_at_the_next_statistics_step_and_in_state_dict():
+    lin = nn.Linear(3, 2).double()
+    opt = AdaFisher(lin, lr=0.1)
+    opt.defer_skip_check = True
+    x = torch.randn(4, 3, dtype=torch.float64)
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+
+    def step(inp):
+        opt.zero_grad()
+        out = lin(inp)
+        out.masked_fill(~torch.isfinite(out), 0.0).sum().backward()
+        opt.step()
+
+    step(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(bad)  # flagged on device, not read yet
+    assert opt.state["adafisher"]["skipped_statistics"] == {}
+    with pytest.warns(UserWarning, match=r"statistics containing inf/NaN were not folded into the factors of Linear"):
+        step(x)
+    assert opt.state["adafisher"]["skipped_statistics"] == {"Linear": 1}
+    step(bad)
+    with pytest.warns(UserWarning, match="not folded"):
+        saved = opt.state_dict()
+    assert saved["state"]["adafisher"]["skipped_statistics"] == {"Linear": 2}
