@@ -5,9 +5,10 @@ optimizer trains its own copy of the same model on the same batch; one train ste
 (zero_grad + forward + backward + step) per optimizer per round, rounds interleaved so that
 machine noise hits all of them alike; the median over rounds is reported, with ratios to the
 baseline (fused Adam; fused AdamW for the GPT). Also reported: forward+backward alone (what the
-optimizers add to), optimizer state bytes, and AdaFisher's persistent workspace. ``--batch-sizes``
-sweeps the batch size (statistics cost is linear in it). Results are printed as a table and
-written as JSON.
+optimizers add to), optimizer state bytes, and AdaFisher's persistent workspace. Second-order
+peers from PyPI (Shampoo, AdaHessian, K-FAC; :mod:`lightning_adafisher.bench_peers`) are timed
+too when their packages are installed. ``--batch-sizes`` sweeps the batch size (statistics cost
+is linear in it). Results are printed as a table and written as JSON.
 
 ``lightning-adafisher bench quality`` compares optimizers on offline data at equal epochs and at
 equal wall-clock time; see :mod:`lightning_adafisher.bench_quality`.
@@ -25,9 +26,10 @@ import warnings
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lightning_adafisher import bench_peers
+from lightning_adafisher.bench_peers import Batch, plain_step
 from lightning_adafisher.optim import AdaFisher, AdaFisherW
 
 __all__ = ["main", "speed"]
@@ -122,6 +124,7 @@ def speed(
     seed: int = 0,
     context: int = 64,
     fused: bool = False,
+    peers: bool = True,
 ) -> dict:
     """Run the benchmark at one batch size and return its results (see module docstring).
 
@@ -144,38 +147,58 @@ def speed(
         x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
         y = torch.randint(0, 10, (batch_size,), device=dev)
 
-    def loss_of(model: nn.Module) -> torch.Tensor:
-        out = model(x)
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-    runs: dict[str, tuple[nn.Module, torch.optim.Optimizer | None]] = {}
+    batch = Batch(x, y)
+    runs: dict[str, tuple[nn.Module, torch.optim.Optimizer | None, Callable[[], None]]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, make in _optimizers(language, fused).items():
             model = copy.deepcopy(base)
-            runs[name] = (model, make(model))
-    runs["fwd_bwd_only"] = (copy.deepcopy(base), None)
+            opt = make(model)
+            runs[name] = (model, opt, plain_step(model, opt, batch))
+        peer_names = set()
+        if peers:
+            for name, factory in bench_peers.peers().items():
+                model = copy.deepcopy(base)
+                runs[name] = (model, *factory(model, batch))
+                peer_names.add(name)
+    plain = copy.deepcopy(base)
+
+    def fwd_bwd() -> None:
+        plain.zero_grad(set_to_none=True)
+        Batch.loss(plain(x), y).backward()
+
+    runs["fwd_bwd_only"] = (plain, None, fwd_bwd)
     baseline_name = next(iter(runs))
 
-    def one_step(model: nn.Module, opt: torch.optim.Optimizer | None) -> float:
+    peak: dict[str, int] = {}
+
+    def one_step(name: str, step: Callable[[], None]) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(dev)
+            resident = torch.cuda.memory_allocated(dev)
         start = time.perf_counter()
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        else:
-            model.zero_grad(set_to_none=True)
-        loss_of(model).backward()
-        if opt is not None:
-            opt.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peers warn on every step (deprecated hooks)
+            step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
+            # what the step needs above everything resident (activations, temporaries, state growth)
+            above = torch.cuda.max_memory_allocated(dev) - resident
+            peak[name] = max(peak.get(name, 0), above)
         return time.perf_counter() - start
 
+    skipped: dict[str, str] = {}
+    for name in [n for n in runs if n in peer_names]:
+        try:  # a peer that cannot train this model is reported, not fatal
+            one_step(name, runs[name][2])
+        except Exception as error:  # noqa: BLE001 - third-party code, any failure
+            skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            del runs[name]
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(warmup + repeats):
-        for name, (model, opt) in runs.items():
-            elapsed = one_step(model, opt)
+        for name, (_, _, step) in runs.items():
+            elapsed = one_step(name, step)
             if r >= warmup:
                 times[name].append(elapsed)
     median = {name: statistics.median(ts) for name, ts in times.items()}
@@ -183,7 +206,7 @@ def speed(
     baseline = median[baseline_name]
     base_bytes = _state_bytes(runs[baseline_name][1])  # type: ignore[arg-type]
     rows = []
-    for name, (_, opt) in runs.items():
+    for name, (_, opt, _) in runs.items():
         rows.append(
             dict(
                 optimizer=name,
@@ -196,6 +219,7 @@ def speed(
                 state_bytes=_state_bytes(opt) if opt is not None else 0,
                 state_ratio_to_baseline=(_state_bytes(opt) / base_bytes) if opt is not None else 0.0,
                 workspace_bytes=_workspace_bytes(opt),
+                peak_step_bytes=peak.get(name),  # CUDA only: None on CPU
             )
         )
     return dict(
@@ -212,6 +236,7 @@ def speed(
         torch=torch.__version__,
         machine=platform.machine(),
         rows=rows,
+        skipped=skipped,
     )
 
 
@@ -231,6 +256,8 @@ def _print_table(result: dict) -> None:
             f"{row['mean_ratio_to_baseline']:7.3f} {row['state_bytes'] / 2**20:9.2f} "
             f"{row['state_ratio_to_baseline']:14.3f} {row['workspace_bytes'] / 2**20:8.2f}"
         )
+    for name, reason in result.get("skipped", {}).items():
+        print(f"{name:26s} skipped: {reason}")
 
 
 def _int_list(text: str) -> list[int]:
@@ -260,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--fused", action="store_true",
                     help="also time AdaFisher(fused=True) (compiles on the first step)")
+    sp.add_argument("--no-peers", dest="peers", action="store_false",
+                    help="skip the installed second-order peers (pytorch-optimizer, asdfghjkl)")
     sp.add_argument("--out", default="bench_speed.json", help="where to write the JSON")
     qp = sub.add_parser("quality", help="optimizer quality on offline data (bench_quality)")
     from lightning_adafisher import bench_quality
@@ -274,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in sizes:
         result = speed(
             args.model, size, args.image_size, args.repeats, args.warmup,
-            args.device, args.threads, context=args.context, fused=args.fused,
+            args.device, args.threads, context=args.context, fused=args.fused, peers=args.peers,
         )
         _print_table(result)
         results.append(result)

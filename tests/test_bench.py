@@ -12,7 +12,7 @@ from lightning_adafisher import bench
 
 ROW_KEYS = {
     "optimizer", "median_step_ms", "mean_step_ms", "ratio_to_baseline", "mean_ratio_to_baseline",
-    "state_bytes", "state_ratio_to_baseline", "workspace_bytes",
+    "state_bytes", "state_ratio_to_baseline", "workspace_bytes", "peak_step_bytes",
 }
 
 
@@ -26,6 +26,7 @@ def _check_speed(result: dict, model: str, batch_size: int, baseline: str) -> No
     for row in result["rows"]:
         assert set(row) == ROW_KEYS
         assert row["median_step_ms"] > 0 and math.isfinite(row["ratio_to_baseline"])
+        assert row["peak_step_bytes"] is None  # measured on CUDA only
         if row["optimizer"].startswith("adafisher"):
             # one moment plus factor vectors: about half of Adam's two moments
             assert 0.4 < row["state_ratio_to_baseline"] < 0.75
@@ -90,3 +91,35 @@ def test_quality_writes_json_with_best_lr_and_time_equal_rows(tmp_path, capsys):
             assert (0.0 <= value <= 1.0) if metric == "accuracy" else value >= 1.0
     printed = capsys.readouterr().out
     assert "time-equal" in printed and "chargpt" in printed
+
+
+def test_speed_times_installed_peers_and_reports_the_ones_that_fail(tmp_path, monkeypatch):
+    """Peers from PyPI are rows like any other; one that cannot train the model is listed under
+    ``skipped`` with its error instead of ending the benchmark."""
+    from lightning_adafisher import bench_peers
+
+    def broken(model, batch):
+        opt = bench_peers.torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step():
+            raise RuntimeError("derivative for this op is not implemented")
+
+        return opt, step
+
+    installed = bench_peers.peers()
+    monkeypatch.setattr(bench_peers, "peers", lambda: {**installed, "broken_peer": broken})
+    bench.main(_speed_args(tmp_path, "--model", "tiny", "--batch-size", "4", "--image-size", "8"))
+    result = json.loads((tmp_path / "speed.json").read_text())
+    names = [row["optimizer"] for row in result["rows"]]
+    assert set(installed) <= set(names) and "broken_peer" not in names
+    assert result["skipped"] == {"broken_peer": "RuntimeError: derivative for this op is not implemented"}
+    bench.main(_speed_args(tmp_path, "--model", "tiny", "--batch-size", "4", "--image-size", "8", "--no-peers"))
+    names = [row["optimizer"] for row in json.loads((tmp_path / "speed.json").read_text())["rows"]]
+    assert not set(installed) & set(names)
+
+
+def test_peers_of_the_test_environment_are_installed():
+    """The test extra installs pytorch-optimizer and asdfghjkl, so the test above covers them."""
+    from lightning_adafisher import bench_peers
+
+    assert set(bench_peers.peers()) == {"po_shampoo_k10", "po_adahessian", "asdl_kfac_k10", "asdl_shampoo_k10"}
