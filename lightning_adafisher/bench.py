@@ -189,16 +189,17 @@ def speed(
         return time.perf_counter() - start
 
     skipped: dict[str, str] = {}
-    for name in [n for n in runs if n in peer_names]:
-        try:  # a peer that cannot train this model is reported, not fatal
-            one_step(name, runs[name][2])
-        except Exception as error:  # noqa: BLE001 - third-party code, any failure
-            skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            del runs[name]
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(warmup + repeats):
-        for name, (_, _, step) in runs.items():
-            elapsed = one_step(name, step)
+        for name, (_, _, step) in list(runs.items()):
+            try:
+                elapsed = one_step(name, step)
+            except Exception as error:  # noqa: BLE001 - a peer's own failure, reported
+                if name not in peer_names:
+                    raise
+                skipped[name] = f"step {r + 1}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                del runs[name], times[name]
+                continue
             if r >= warmup:
                 times[name].append(elapsed)
     median = {name: statistics.median(ts) for name, ts in times.items()}
