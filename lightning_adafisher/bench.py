@@ -151,10 +151,14 @@ def speed(
     runs: dict[str, tuple[nn.Module, torch.optim.Optimizer | None, Callable[[], None]]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        step_seconds: dict[str, list[float]] = {}
         for name, make in _optimizers(language, fused).items():
             model = copy.deepcopy(base)
             opt = make(model)
-            runs[name] = (model, opt, plain_step(model, opt, batch))
+            step_seconds[name] = []
+            runs[name] = (model, opt, plain_step(model, opt, batch, step_seconds=step_seconds[name]))
+            if isinstance(opt, AdaFisher) and opt.collector is not None:
+                opt.collector.timed = True  # host time spent computing statistics
         peer_names = set()
         if peers:
             for name, factory in bench_peers.peers().items():
@@ -190,8 +194,15 @@ def speed(
 
     skipped: dict[str, str] = {}
     times: dict[str, list[float]] = {name: [] for name in runs}
+    stats_seconds: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(warmup + repeats):
-        for name, (_, _, step) in list(runs.items()):
+        if r == warmup:
+            for seconds in step_seconds.values():
+                seconds.clear()
+        for name, (_, opt, step) in list(runs.items()):
+            collector = opt.collector if isinstance(opt, AdaFisher) else None
+            if collector is not None:
+                collector.seconds = 0.0
             try:
                 elapsed = one_step(name, step)
             except Exception as error:  # noqa: BLE001 - a peer's own failure, reported
@@ -202,12 +213,27 @@ def speed(
                 continue
             if r >= warmup:
                 times[name].append(elapsed)
+                if collector is not None:
+                    stats_seconds[name].append(collector.seconds)
     median = {name: statistics.median(ts) for name, ts in times.items()}
     mean = {name: statistics.fmean(ts) for name, ts in times.items()}
     baseline = median[baseline_name]
     base_bytes = _state_bytes(runs[baseline_name][1])  # type: ignore[arg-type]
+
+    def mean_ms(values: list[float]) -> float | None:
+        return statistics.fmean(values) * 1e3 if values else None
+
+    # Components, each measured inside the interleaved steps: less noisy than whole steps,
+    # whose forward+backward varies by more than an optimizer costs on a shared machine.
+    fwd_bwd_ms = median["fwd_bwd_only"] * 1e3
+    base_step_ms = mean_ms(step_seconds[baseline_name]) or 0.0
     rows = []
     for name, (_, opt, _) in runs.items():
+        opt_ms = mean_ms(step_seconds.get(name, []))
+        stats_ms = mean_ms(stats_seconds[name])
+        component_ratio = None
+        if opt_ms is not None:
+            component_ratio = (fwd_bwd_ms + (stats_ms or 0.0) + opt_ms) / (fwd_bwd_ms + base_step_ms)
         rows.append(
             dict(
                 optimizer=name,
@@ -221,6 +247,9 @@ def speed(
                 state_ratio_to_baseline=(_state_bytes(opt) / base_bytes) if opt is not None else 0.0,
                 workspace_bytes=_workspace_bytes(opt),
                 peak_step_bytes=peak.get(name),  # CUDA only: None on CPU
+                optimizer_step_ms=opt_ms,
+                statistics_ms=stats_ms,
+                component_ratio_to_baseline=component_ratio,
             )
         )
     return dict(
@@ -249,12 +278,19 @@ def _print_table(result: dict) -> None:
     base = result["baseline"]
     print(
         f"{'optimizer':26s} {'step ms':>8s} {'× ' + base:>14s} {'mean ×':>7s} "
+        f"{'opt.step ms':>11s} {'stats ms':>8s} {'parts ×':>7s} "
         f"{'state MB':>9s} {'× ' + base:>14s} {'wksp MB':>8s}"
     )
+
+    def opt(value: float | None, fmt: str) -> str:
+        return "—".rjust(len(format(0.0, fmt))) if value is None else format(value, fmt)
+
     for row in result["rows"]:
         print(
             f"{row['optimizer']:26s} {row['median_step_ms']:8.1f} {row['ratio_to_baseline']:14.3f} "
-            f"{row['mean_ratio_to_baseline']:7.3f} {row['state_bytes'] / 2**20:9.2f} "
+            f"{row['mean_ratio_to_baseline']:7.3f} {opt(row['optimizer_step_ms'], '11.2f')} "
+            f"{opt(row['statistics_ms'], '8.2f')} {opt(row['component_ratio_to_baseline'], '7.3f')} "
+            f"{row['state_bytes'] / 2**20:9.2f} "
             f"{row['state_ratio_to_baseline']:14.3f} {row['workspace_bytes'] / 2**20:8.2f}"
         )
     for name, reason in result.get("skipped", {}).items():

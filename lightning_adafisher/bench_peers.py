@@ -13,6 +13,7 @@ returns the optimizer (for its state bytes) and a closure doing one whole traini
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import Callable, NamedTuple
 
 import torch
@@ -39,11 +40,20 @@ Step = Callable[[], None]
 Factory = Callable[[nn.Module, Batch], tuple[torch.optim.Optimizer, Step]]
 
 
-def plain_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, create_graph: bool = False) -> Step:
+def plain_step(
+    model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, create_graph: bool = False,
+    step_seconds: list[float] | None = None,
+) -> Step:
+    """zero_grad + forward + backward + ``opt.step()``; ``step_seconds`` collects the time of
+    ``opt.step()`` alone (on CPU; on CUDA it is the host's launch time)."""
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         Batch.loss(model(batch.x), batch.y).backward(create_graph=create_graph)
+        start = time.perf_counter()
         opt.step()
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - start)
 
     return step
 

@@ -13,6 +13,7 @@ from lightning_adafisher import bench
 ROW_KEYS = {
     "optimizer", "median_step_ms", "mean_step_ms", "ratio_to_baseline", "mean_ratio_to_baseline",
     "state_bytes", "state_ratio_to_baseline", "workspace_bytes", "peak_step_bytes",
+    "optimizer_step_ms", "statistics_ms", "component_ratio_to_baseline",
 }
 
 
@@ -27,6 +28,18 @@ def _check_speed(result: dict, model: str, batch_size: int, baseline: str) -> No
         assert set(row) == ROW_KEYS
         assert row["median_step_ms"] > 0 and math.isfinite(row["ratio_to_baseline"])
         assert row["peak_step_bytes"] is None  # measured on CUDA only
+        name = row["optimizer"]
+        if name == "fwd_bwd_only" or name.startswith(("po_", "asdl_")):  # peers: whole steps only
+            assert row["optimizer_step_ms"] is None and row["component_ratio_to_baseline"] is None
+        else:
+            assert row["optimizer_step_ms"] > 0 and row["component_ratio_to_baseline"] > 0
+        if name.startswith("adafisher"):
+            # k1 gathers statistics on both measured steps; k10 on neither (steps 2-3 of 3)
+            every_step = name.endswith("_k1") or "_k1_" in name
+            assert row["statistics_ms"] > 0 if every_step else row["statistics_ms"] == 0.0
+        elif name == baseline:
+            assert row["statistics_ms"] is None
+            assert row["component_ratio_to_baseline"] == pytest.approx(1.0)
         if row["optimizer"].startswith("adafisher"):
             # one moment plus factor vectors: about half of Adam's two moments
             assert 0.4 < row["state_ratio_to_baseline"] < 0.75
