@@ -124,6 +124,40 @@ def _window_selector(
     return a.to(device)
 
 
+_WINDOW_KERNEL_MAX = 1 << 18
+"""Largest ``H·W·kh·kw`` whose one-matmul window kernel is cached (1 MiB of float32)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _window_kernel(
+    rows_key: tuple[int, ...], cols_key: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``K[(y, x), (i, j)] = A[i, y]·B[j, x]``: ``xs.view(C, H·W) @ K`` is ``A · xs · Bᵀ``."""
+    rows_sel = _window_selector(*rows_key, dtype, torch.device("cpu"))
+    cols_sel = _window_selector(*cols_key, dtype, torch.device("cpu"))
+    return torch.kron(rows_sel, cols_sel).T.contiguous().to(device)
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Sum of ``[B, C, ...]`` over every dim but 1. For small spatial sizes summing the batch
+    first is 2–3× faster on CPU than one reduction over the outer and inner dims."""
+    spatial = t[0, 0].numel() if t.dim() > 2 else 1
+    if 1 < spatial <= 16:
+        return t.sum(0).reshape(t.shape[1], spatial).sum(1)
+    return t.sum([0, *range(2, t.dim())])
+
+
+@functools.lru_cache(maxsize=256)
+def _norm_input_constants(
+    channels: int, batch: int, summed: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``(k, base)`` with ``h = base + Σ_c (Σx)_c² · k = [Σ_c a_c², C] / B²`` where
+    ``a = Σx / summed²`` (one fused kernel per call instead of five)."""
+    k = torch.tensor([1.0 / (float(summed) ** 4 * float(batch) ** 2), 0.0], dtype=dtype)
+    base = torch.tensor([0.0, float(channels) / float(batch) ** 2], dtype=dtype)
+    return k.to(device), base.to(device)
+
+
 def conv2d_input_stats(
     x: Tensor,
     kernel_size: Sequence[int],
@@ -165,9 +199,16 @@ def conv2d_input_stats(
     h, w = xs.shape[-2:]
     lh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
     lw = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-    rows_sel = _window_selector(h, kh, lh, sh, dh, top, xs.dtype, xs.device)
-    cols_sel = _window_selector(w, kw, lw, sw, dw, left, xs.dtype, xs.device)
-    total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
+    rows_key = (h, kh, lh, sh, dh, top)
+    cols_key = (w, kw, lw, sw, dw, left)
+    if h * w * kh * kw <= _WINDOW_KERNEL_MAX:
+        # One matmul with the Kronecker product of the selectors (cached): fewer kernels.
+        kernel = _window_kernel(rows_key, cols_key, xs.dtype, xs.device)
+        total = torch.mm(xs.reshape(xs.shape[0], h * w), kernel).reshape(-1)
+    else:
+        rows_sel = _window_selector(*rows_key, xs.dtype, xs.device)
+        cols_sel = _window_selector(*cols_key, xs.dtype, xs.device)
+        total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
     rows = b * lh * lw * groups
     if bias:
         total = torch.cat((total, total.new_full((1,), float(rows))))
@@ -180,7 +221,7 @@ def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:
     if g.dim() == 3:
         g = g.unsqueeze(0)
     g = _as_stats(g)
-    return g.square().sum((0, 2, 3)), float(g.shape[0] * g.shape[2] * g.shape[3])
+    return _channel_sum(g.square()), float(g.shape[0] * g.shape[2] * g.shape[3])
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,20 +232,15 @@ def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:
 def batchnorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
     """``a_c = Σ_{b,spatial} x / (spatial size)²``; ``h = [Σ_c a_c², C] / B²`` (count 1)."""
     x = _as_stats(x)
-    b, c = x.shape[0], x.shape[1]
-    spatial = x[0, 0].numel()
-    dims = [0] + list(range(2, x.dim()))
-    a = x.sum(dims) / float(spatial) ** 2
-    # new_full is a fill on the device; new_tensor would copy from the host (a sync on CUDA).
-    h = torch.cat((a.square().sum().view(1), a.new_full((1,), float(c)))) / float(b) ** 2
-    return h, 1.0
+    total = _channel_sum(x)
+    k, base = _norm_input_constants(x.shape[1], x.shape[0], x[0, 0].numel(), x.dtype, x.device)
+    return torch.addcmul(base, torch.dot(total, total), k), 1.0
 
 
 def batchnorm_output_stats(g: Tensor) -> tuple[Tensor, float]:
     """``s_c = (Σ_{b,spatial} G)² / B`` (count 1)."""
     g = _as_stats(g)
-    dims = [0] + list(range(2, g.dim()))
-    return g.sum(dims).square() / float(g.shape[0]), 1.0
+    return _channel_sum(g).square_().div_(float(g.shape[0])), 1.0
 
 
 def layernorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
@@ -213,12 +249,10 @@ def layernorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
     x = _as_stats(x)
     if x.dim() < 2:
         x = x.unsqueeze(0)
-    b = x.shape[0]
-    other = [d for d in range(x.dim()) if d != 1]
-    d_norm = math.prod(x.shape[d] for d in other if d != 0)
-    a = x.sum(other) / float(d_norm) ** 2
-    h = torch.cat((a.square().sum().view(1), a.new_full((1,), float(a.numel())))) / float(b) ** 2
-    return h, 1.0
+    total = _channel_sum(x)
+    d_norm = x[0].numel() // x.shape[1]
+    k, base = _norm_input_constants(x.shape[1], x.shape[0], d_norm, x.dtype, x.device)
+    return torch.addcmul(base, torch.dot(total, total), k), 1.0
 
 
 def layernorm_output_stats(g: Tensor) -> tuple[Tensor, float]:

@@ -37,7 +37,12 @@ def _stats(module: nn.Module, x: torch.Tensor, g: torch.Tensor, variant: str = "
     ],
 )
 @pytest.mark.parametrize("variant", ["paper", "reference"])
-def test_conv2d_statistics_match_explicit_im2col(kwargs, variant):
+@pytest.mark.parametrize("one_matmul", [True, False], ids=["kron-kernel", "two-selectors"])
+def test_conv2d_statistics_match_explicit_im2col(kwargs, variant, one_matmul, monkeypatch):
+    """Both window-sum forms (one matmul with the cached Kronecker kernel for small inputs, two
+    thin matmuls beyond _WINDOW_KERNEL_MAX) against unfold."""
+    if not one_matmul:
+        monkeypatch.setattr(fn, "_WINDOW_KERNEL_MAX", 0)
     torch.manual_seed(0)
     conv = nn.Conv2d(**kwargs).to(DT)
     x = torch.randn(2, conv.in_channels, 7, 6, dtype=DT)
