@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
@@ -533,10 +534,14 @@ def adafisher_update(
     ]
     if fused or not foreach:
         kron = [i for i, ok in enumerate(viewable) if ok]
-        if fused:
-            _fused_update([params[i] for i in kron], [grads[i] for i in kron], [exp_avgs[i] for i in kron],
-                          [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs)  # type: ignore[misc]
-        else:
+        if fused and _fused_failure is None:
+            try:
+                _fused_update([params[i] for i in kron], [grads[i] for i in kron], [exp_avgs[i] for i in kron],
+                              [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs)  # type: ignore[misc]
+            except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, loudly
+                _give_up_fusing(error)
+                fused = False
+        if not fused or _fused_failure is not None:
             for i in kron:
                 _blocked_kron_update(params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
                                      workspace=workspace, **kwargs)
@@ -551,6 +556,22 @@ def adafisher_update(
         return
     update = _multi_tensor_update if foreach else _single_tensor_update
     update(params, grads, exp_avgs, denominators, steps, **kwargs)  # type: ignore[arg-type]
+
+
+_fused_failure: str | None = None
+"""Why ``torch.compile`` of the fused update failed in this process (then the eager path runs)."""
+
+
+def _give_up_fusing(error: Exception) -> None:
+    # torch.compile fails before its kernel runs (no C++ compiler, unsupported platform), so no
+    # parameter has been touched yet: the eager update below does this step, and every later one.
+    global _fused_failure
+    _fused_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    warnings.warn(
+        f"AdaFisher(fused=True): torch.compile of the fused update failed ({_fused_failure}); "
+        "using the eager update from now on (same numbers, slower). Pass fused=False to silence.",
+        stacklevel=5,
+    )
 
 
 def _fused_update(

@@ -99,8 +99,9 @@ class AdaFisher(Optimizer):
             ``(t − 1) % update_interval == 0``; in between the factors are reused.
         variant: ``"paper"`` (Eq. 3–4 of the paper) or ``"reference"`` (the authors' code).
         foreach: use the multi-tensor update (default: on CUDA only, as torch does).
-        fused: update each Linear/Conv weight in one compiled pass (``torch.compile``; the first
-            step compiles, ~30 s on CPU). Opt-in; see ``docs/performance.md`` for its cost and gain.
+        fused: update the whole param group in one compiled call, one pass per parameter
+            (``torch.compile``; the first step compiles, ~15 s on CPU, and a new set of
+            parameter shapes recompiles). Opt-in; see ``docs/performance.md`` for its cost and gain.
 
     Non-finite *gradients* are left to the caller, as with every ``torch.optim`` optimizer
     (``GradScaler`` skips such steps); non-finite *statistics* never reach the factors.

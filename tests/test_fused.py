@@ -38,3 +38,24 @@ def test_fused_update_equals_eager(opt_cls, kw):
 def test_fused_must_be_a_bool():
     with pytest.raises(ValueError, match="Invalid fused: 'yes'"):
         AdaFisher(torch.nn.Linear(2, 2).parameters(), fused="yes")
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_update_with_a_warning(monkeypatch):
+    """No C++ compiler (or any torch.compile failure): one warning, then the eager update, with
+    exactly the eager numbers — training goes on instead of crashing at the first step."""
+    from lightning_adafisher import functional as fn
+
+    def broken():
+        def compiled(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(fn, "_fused_step", broken)
+    monkeypatch.setattr(fn, "_fused_failure", None)
+    with pytest.warns(UserWarning, match=r"torch.compile of the fused update failed \(RuntimeError: InductorError"):
+        fused = _train(AdaFisherW, True, weight_decay=0.1)
+    assert fn._fused_failure is not None
+    eager = _train(AdaFisherW, False, weight_decay=0.1)
+    for p, q in zip(eager.parameters(), fused.parameters()):
+        assert torch.equal(p, q)
