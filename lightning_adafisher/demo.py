@@ -41,14 +41,16 @@ def small_cnn() -> nn.Module:
 
 def train(
     optimizer: str = "adafisherw", epochs: int = 10, batch_size: int = 64, seed: int = 0,
-    lr: float = 1e-3, variant: str = "paper",
+    lr: float = 1e-3, variant: str = "paper", update_interval: int = 1,
 ) -> float:
     """Train the small CNN and return its test accuracy."""
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = digits_tensors(seed)
     model = small_cnn()
     if optimizer == "adafisherw":
-        opt: torch.optim.Optimizer = AdaFisherW(model, lr=lr, weight_decay=5e-4, variant=variant)
+        opt: torch.optim.Optimizer = AdaFisherW(
+            model, lr=lr, weight_decay=5e-4, variant=variant, update_interval=update_interval
+        )
     elif optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     else:
