@@ -369,3 +369,33 @@ def test_deferred_skip_check_reports_at_the_next_statistics_step_and_in_state_di
     with pytest.warns(UserWarning, match="not folded"):
         saved = opt.state_dict()
     assert saved["state"]["adafisher"]["skipped_statistics"] == {"Linear": 2}
+
+
+def test_layers_of_different_dtypes_fold_in_separate_flat_batches():
+    """The flat fold groups layers by device and statistics dtype: a float64 layer next to a
+    float32 one keeps float64 factors, and each holds its own first statistics exactly."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 4).double()
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)).float())
+
+    torch.manual_seed(0)
+    model = Mixed()
+    opt = AdaFisher(model, lr=1e-2)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        hidden = torch.tanh(model.a(x)).float()
+    model(x).square().sum().backward()
+    opt.step()
+    ones = torch.ones(5, 1)
+    h_a = torch.cat((x, ones.double()), 1).square().mean(0)
+    h_b = torch.cat((hidden, ones), 1).square().mean(0)
+    state_a, state_b = opt.state[model.a.weight], opt.state[model.b.weight]
+    assert state_a["factor_h"].dtype == torch.float64 and state_b["factor_h"].dtype == torch.float32
+    torch.testing.assert_close(state_a["factor_h"], h_a, rtol=1e-14, atol=0)
+    torch.testing.assert_close(state_b["factor_h"], h_b, rtol=1e-6, atol=0)
