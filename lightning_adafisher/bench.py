@@ -44,6 +44,12 @@ def _resnet18(num_classes: int = 10) -> nn.Module:
     return torchvision.models.resnet18(num_classes=num_classes)
 
 
+def _resnet50(num_classes: int = 10) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet50(num_classes=num_classes)
+
+
 def _tiny_cnn(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
@@ -64,9 +70,9 @@ def _gpt_tiny(context: int) -> nn.Module:
     return GPT(GPT_VOCAB, context_length=context, n_layer=2, n_embd=32, n_head=2, d_ff=64, dropout=0.0)
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"resnet18": _resnet18, "tiny": _tiny_cnn}
+MODELS: dict[str, Callable[[], nn.Module]] = {"resnet18": _resnet18, "resnet50": _resnet50, "tiny": _tiny_cnn}
 LANGUAGE_MODELS: dict[str, Callable[[int], nn.Module]] = {"gpt": _gpt, "gpt_tiny": _gpt_tiny}
-DEFAULT_BATCH = {"resnet18": 32, "tiny": 32, "gpt": 8, "gpt_tiny": 8}
+DEFAULT_BATCH = {"resnet18": 32, "resnet50": 256, "tiny": 32, "gpt": 8, "gpt_tiny": 8}
 
 
 def _optimizers(language: bool, fused: bool = False) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
@@ -128,7 +134,7 @@ def speed(
 ) -> dict:
     """Run the benchmark at one batch size and return its results (see module docstring).
 
-    ``model_name``: ``resnet18``/``tiny`` (images ``image_size``², 10 classes, fused Adam
+    ``model_name``: ``resnet18``/``resnet50``/``tiny`` (images ``image_size``², 10 classes, fused Adam
     baseline) or ``gpt``/``gpt_tiny`` (``context`` tokens of a 512-token vocabulary, next-token
     loss, fused AdamW baseline).
     """
