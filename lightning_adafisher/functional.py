@@ -42,12 +42,11 @@ __all__ = [
     "Segments",
     "min_max",
     "flush_subnormal_",
+    "normalised",
     "unfoldable",
     "statistics_ok",
     "fold_paper",
     "fold_reference",
-    "kron_denominator",
-    "norm_denominator",
     "adafisher_update",
     "KronFactors",
 ]
@@ -231,7 +230,10 @@ def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:
 
 
 def batchnorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
-    """``a_c = Σ_{b,spatial} x / (spatial size)²``; ``h = [Σ_c a_c², C] / B²`` (count 1)."""
+    """``a_c = Σ_{b,spatial} x / (spatial size)²``; ``h = [Σ_c a_c², C] / B²`` (count 1).
+
+    LayerNorm's ``h`` is the same formula over the same dims (:func:`layernorm_input_stats`).
+    """
     x = _as_stats(x)
     total = _channel_sum(x)
     k, base = _norm_input_constants(x.shape[1], x.shape[0], x[0, 0].numel(), x.dtype, x.device)
@@ -246,14 +248,8 @@ def batchnorm_output_stats(g: Tensor) -> tuple[Tensor, float]:
 
 def layernorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
     """``a = Σ_{all dims but 1} x / D²`` (D: product of the summed non-batch dims);
-    ``h = [Σ a², len(a)] / B²`` (count 1)."""
-    x = _as_stats(x)
-    if x.dim() < 2:
-        x = x.unsqueeze(0)
-    total = _channel_sum(x)
-    d_norm = x[0].numel() // x.shape[1]
-    k, base = _norm_input_constants(x.shape[1], x.shape[0], d_norm, x.dtype, x.device)
-    return torch.addcmul(base, torch.dot(total, total), k), 1.0
+    ``h = [Σ a², len(a)] / B²`` (count 1) — BatchNorm's formula."""
+    return batchnorm_input_stats(x if x.dim() >= 2 else x.unsqueeze(0))
 
 
 def layernorm_output_stats(g: Tensor) -> tuple[Tensor, float]:
@@ -338,6 +334,14 @@ def flush_subnormal_(v: Tensor) -> Tensor:
     step) into the subnormal range, where every later multiply is ~50× slower on CPU (SPEC §4).
     """
     return v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
+
+
+def normalised(variant: str, factor: Tensor, segments: Segments | None = None) -> Tensor:
+    """``H'`` from ``H`` (same for ``S``): min-max normalised and flushed in the paper variant
+    (per piece with ``segments``), the factor itself in the reference variant."""
+    if variant == "paper":
+        return flush_subnormal_(min_max(factor, segments))
+    return factor
 
 
 def unfoldable(variant: str, stat: Tensor) -> Tensor:
@@ -434,25 +438,6 @@ class KronFactors(NamedTuple):
         return f.expand(math.prod(shape) // cols, cols).reshape(shape)
 
 
-def kron_denominator(
-    s_norm: Tensor, h_norm: Tensor, damping: float, shape: torch.Size, bias: bool
-) -> Tensor:
-    """``S'[o]·H'[i] + λ`` for a weight of ``shape`` (``bias=False``) or a bias (``bias=True``).
-
-    Built by broadcasting into a temporary of the parameter's size, never as a Kronecker matrix.
-    """
-    cols = h_norm[-1:] if bias else h_norm[: math.prod(shape[1:])]
-    return KronFactors(s_norm, cols, damping).materialise(shape)
-
-
-def norm_denominator(
-    s_norm: Tensor, h_norm: Tensor, damping: float, shape: torch.Size, bias: bool
-) -> Tensor:
-    """Norm layers: weight ``S'·H'[0] + λ``, bias ``S'·H'[1] + λ`` (``S'`` on the last dim)."""
-    entry = h_norm[1:2] if bias else h_norm[0:1]
-    return KronFactors(entry, s_norm, damping).materialise(shape)
-
-
 # --------------------------------------------------------------------------------------------
 # The update (SPEC §2)
 # --------------------------------------------------------------------------------------------
@@ -534,14 +519,11 @@ def adafisher_update(
     ]
     if fused or not foreach:
         kron = [i for i, ok in enumerate(viewable) if ok]
-        if fused and _fused_failure is None:
-            try:
-                _fused_update([params[i] for i in kron], [grads[i] for i in kron], [exp_avgs[i] for i in kron],
-                              [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs)  # type: ignore[misc]
-            except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, loudly
-                _give_up_fusing(error)
-                fused = False
-        if not fused or _fused_failure is not None:
+        done = fused and _fused_update(
+            [params[i] for i in kron], [grads[i] for i in kron], [exp_avgs[i] for i in kron],
+            [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs,  # type: ignore[misc]
+        )
+        if not done:
             for i in kron:
                 _blocked_kron_update(params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
                                      workspace=workspace, **kwargs)
@@ -562,25 +544,17 @@ _fused_failure: str | None = None
 """Why ``torch.compile`` of the fused update failed in this process (then the eager path runs)."""
 
 
-def _give_up_fusing(error: Exception) -> None:
-    # torch.compile fails before its kernel runs (no C++ compiler, unsupported platform), so no
-    # parameter has been touched yet: the eager update below does this step, and every later one.
-    global _fused_failure
-    _fused_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    warnings.warn(
-        f"AdaFisher(fused=True): torch.compile of the fused update failed ({_fused_failure}); "
-        "using the eager update from now on (same numbers, slower). Pass fused=False to silence.",
-        stacklevel=5,
-    )
-
-
 def _fused_update(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], kron: list[KronFactors],
     steps: list[int], *, lr: float, beta: float, weight_decay: float, decoupled: bool,
-) -> None:
+) -> bool:
+    """The fused update of ``params``; False (after one warning) when ``torch.compile`` failed,
+    now or earlier in this process, and the caller must run the eager update instead."""
+    global _fused_failure
+    if _fused_failure is not None:
+        return False
     if not params:
-        return
-    views = [(k.cols.numel(), p.dtype) for p, k in zip(params, kron)]
+        return True
     scalars = torch.tensor(
         [
             (1.0 - beta, k.damping, lr / (1.0 - beta**t),
@@ -589,14 +563,27 @@ def _fused_update(
         ],
         dtype=params[0].dtype,
     ).to(params[0].device, non_blocking=True)
-    _fused_step()(
-        [p.view(-1, n) for p, (n, _) in zip(params, views)],
-        [m.view(-1, n) for m, (n, _) in zip(exp_avgs, views)],
-        [g.reshape(-1, n) for g, (n, _) in zip(grads, views)],
-        [k.rows.to(dt) for k, (_, dt) in zip(kron, views)],
-        [k.cols.to(dt) for k, (_, dt) in zip(kron, views)],
-        scalars,
-    )
+    widths = [k.cols.numel() for k in kron]
+    try:
+        _fused_step()(
+            [p.view(-1, n) for p, n in zip(params, widths)],
+            [m.view(-1, n) for m, n in zip(exp_avgs, widths)],
+            [g.reshape(-1, n) for g, n in zip(grads, widths)],
+            [k.rows.to(p.dtype) for p, k in zip(params, kron)],
+            [k.cols.to(p.dtype) for p, k in zip(params, kron)],
+            scalars,
+        )
+    except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, loudly
+        # torch.compile fails before its kernel runs (no C++ compiler, unsupported platform),
+        # so no parameter has been touched: the eager update does this step and every later one.
+        _fused_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(
+            f"AdaFisher(fused=True): torch.compile of the fused update failed ({_fused_failure}); "
+            "using the eager update from now on (same numbers, slower). Pass fused=False to silence.",
+            stacklevel=5,
+        )
+        return False
+    return True
 
 
 def _blocked_kron_update(
@@ -621,6 +608,7 @@ def _blocked_kron_update(
         workspace(block_rows * cols, p.dtype, p.device) if workspace is not None
         else p.new_empty(block_rows * cols)
     )
+    r_block = r_all.expand(rows) if r_all.numel() == 1 else r_all
     for r0 in range(0, rows, block_rows):
         r1 = min(rows, r0 + block_rows)
         pb, gb, mb = p2[r0:r1], g2[r0:r1], m2[r0:r1]
@@ -630,7 +618,6 @@ def _blocked_kron_update(
         if weight_decay != 0.0 and decoupled:
             pb.mul_(1.0 - lr * weight_decay)
         denom = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
-        r_block = r_all.expand(rows) if r_all.numel() == 1 else r_all
         torch.mul(r_block[r0:r1].unsqueeze(1), c_all, out=denom)
         denom.add_(kron.damping)
         pb.addcdiv_(mb, denom, value=-step_size)

@@ -365,11 +365,10 @@ class AdaFisher(Optimizer):
         if self.variant == "paper":
             starts = pieces.constants(first, torch.bool) if any(first) else None
             new = fn.fold_paper(factor, stat, gammas, ok, first=starts, segments=pieces)
-            normalised = fn.flush_subnormal_(fn.min_max(new, pieces))
         else:
             new = fn.fold_reference(factor, stat, gammas, ok, segments=pieces)
-            normalised = new
-        parts, norm_parts = pieces.split(new), pieces.split(normalised)
+        parts = pieces.split(new)
+        norm_parts = pieces.split(fn.normalised(self.variant, new, pieces))
         for k, (layer, _) in enumerate(batch):
             state = self.state[layer.primary]
             state[FACTOR_H], state[FACTOR_S] = parts[2 * k], parts[2 * k + 1]
@@ -463,9 +462,7 @@ class AdaFisher(Optimizer):
         state = self.state[primary]
         if FACTOR_H not in state:
             return None
-        h, s = state[FACTOR_H], state[FACTOR_S]
-        if self.variant == "paper":
-            h, s = fn.flush_subnormal_(fn.min_max(h)), fn.flush_subnormal_(fn.min_max(s))
+        h, s = fn.normalised(self.variant, state[FACTOR_H]), fn.normalised(self.variant, state[FACTOR_S])
         self._normalised[id(primary)] = (h, s)
         return h, s
 

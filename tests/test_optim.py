@@ -341,6 +341,7 @@ def test_hooks_and_step_read_nothing_back_from_the_device():
             _loss(model, (x, y)).backward()
             opt.step()
         assert reads.count == 0
+        assert opt._pending_check is not None  # this step's flags left unread for later
 
 
 def test_deferred_skip_check_reports_at_the_next_statistics_step_and_in_state_dict():
