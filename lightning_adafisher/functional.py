@@ -39,6 +39,7 @@ __all__ = [
     "batchnorm_output_stats",
     "layernorm_input_stats",
     "layernorm_output_stats",
+    "norm_output_stats_from_bias_grad",
     "Segments",
     "min_max",
     "flush_subnormal_",
@@ -258,6 +259,19 @@ def layernorm_output_stats(g: Tensor) -> tuple[Tensor, float]:
     if g.dim() < 2:
         g = g.unsqueeze(0)
     return g.reshape(-1, g.shape[-1]).sum(0).square() / float(g.shape[0]), 1.0
+
+
+def norm_output_stats_from_bias_grad(grad_bias: Tensor, batch: int) -> tuple[Tensor, float]:
+    """A norm layer's ``s`` from the gradient of its bias in one call (count 1).
+
+    ``y = x̂·w + b`` broadcasts ``b`` over every dim it does not have, so the bias gradient is
+    ``Σ G`` over those dims: BatchNorm's ``Σ_{b,spatial} G`` (shape ``[C]``), LayerNorm's sum
+    over the leading dims (shape ``normalized_shape``, summed here to its last dim).
+    """
+    total = _as_stats(grad_bias)
+    if total.dim() > 1:
+        total = total.reshape(-1, total.shape[-1]).sum(0)
+    return total.square().div_(float(batch)), 1.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,6 +72,17 @@ class LayerHelper:
         """Raw output-side statistic ``s`` of one call, as ``(total, count)``."""
         raise NotImplementedError
 
+    s_from_bias_grad: bool = False
+    """Whether :meth:`output_stats_from_bias_grad` gives ``s`` (the collector then reads the
+    bias gradient the layer's backward computes anyway instead of the output gradient ``G``)."""
+
+    def output_stats_from_bias_grad(
+        self, module: nn.Module, grad_bias: Tensor, batch: int
+    ) -> tuple[Tensor, float]:
+        """``s`` of one call from that call's gradient w.r.t. ``module.bias`` alone (``batch``:
+        the output's leading dim); only for helpers with :attr:`s_from_bias_grad`."""
+        raise NotImplementedError
+
     def kron_factors(
         self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -148,6 +159,15 @@ class BatchNormHelper(LayerHelper):
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.batchnorm_output_stats(g)
+
+    # y = x̂·w + b per channel: the bias gradient of a call is that call's Σ G over all dims but
+    # the channel's, which is all s needs (docs/performance.md, "Third round").
+    s_from_bias_grad = True
+
+    def output_stats_from_bias_grad(
+        self, module: nn.Module, grad_bias: Tensor, batch: int
+    ) -> tuple[Tensor, float]:
+        return fn.norm_output_stats_from_bias_grad(grad_bias, batch)
 
     def kron_factors(
         self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor

@@ -6,6 +6,11 @@ statistics step, registers a tensor hook on the output that receives ``G``. Tens
 the gradient of the output as it was produced, even when it is later modified in place, which is
 why full backward hooks (which fail on in-place ops) are not used.
 
+Norm layers need only ``Σ G`` per channel, which is exactly the bias gradient their backward
+computes anyway; when the output comes straight from a norm kernel's autograd node, a post-hook
+on that node reads this call's bias gradient instead, so ``G`` itself is never touched
+(docs/performance.md, "Third round"). Everything else about counting is the same.
+
 Gating: a call counts only when the collector is active (the optimizer turns it on for statistics
 steps), the module is in training mode and grad is enabled. A forward that runs *inside* a
 backward pass is an activation-checkpoint recomputation: it is skipped when the original forward
@@ -19,6 +24,7 @@ accumulation and modules called several times per forward are pooled.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,6 +36,28 @@ from torch.utils.hooks import RemovableHandle
 from lightning_adafisher.layers import LayerHelper
 
 __all__ = ["BoundLayer", "PendingStats", "StatisticsCollector"]
+
+_NORM_KERNEL_NODE = re.compile(r"(BatchNorm|LayerNorm)\w*Backward\d*$")
+"""Autograd nodes of the norm kernels (native, cuDNN, MIOpen), whose inputs are ``(x, w, b)``."""
+
+
+def _bias_grad_slot(module: nn.Module, output: Tensor) -> tuple[Any, int] | None:
+    """``(node, i)`` when ``output`` comes straight from a norm kernel's autograd node whose
+    ``i``-th input is the module's trainable bias: the node's post-hook then receives this
+    call's bias gradient. ``None`` otherwise (a custom ``forward``, a frozen bias, a Python
+    ``autograd.Function`` such as ``SyncBatchNorm``'s, whose hook arguments are laid out by
+    its ``forward`` signature)."""
+    node, bias = output.grad_fn, getattr(module, "bias", None)
+    if node is None or not isinstance(bias, Tensor) or not bias.requires_grad:
+        return None
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        return None
+    if not _NORM_KERNEL_NODE.search(type(node).__name__):
+        return None
+    for i, (next_node, _) in enumerate(node.next_functions):
+        if getattr(next_node, "variable", None) is bias:
+            return node, i
+    return None
 
 
 @dataclass(eq=False)
@@ -131,6 +159,16 @@ class StatisticsCollector:
             if self.timed:
                 self.seconds += time.perf_counter() - start
 
+        def on_bias_grad(slot: int, batch: int, grad_inputs: tuple[Tensor | None, ...]) -> None:
+            grad_bias = grad_inputs[slot]
+            if grad_bias is None:  # a backward that does not reach the bias (autograd.grad)
+                return
+            start = time.perf_counter() if self.timed else 0.0
+            total, count = helper.output_stats_from_bias_grad(layer.module, grad_bias.detach(), batch)
+            self.pending.setdefault(name, PendingStats()).add_s(total, count)
+            if self.timed:
+                self.seconds += time.perf_counter() - start
+
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not (self.active and module.training and torch.is_grad_enabled()):
                 return
@@ -147,7 +185,15 @@ class StatisticsCollector:
             x = args[0] if args else next(iter(kwargs.values()))
             total, count = helper.input_stats(module, x.detach(), variant)
             self.pending.setdefault(name, PendingStats()).add_h(total, count)
-            output.register_hook(on_grad)
+            slot = _bias_grad_slot(module, output) if helper.s_from_bias_grad else None
+            if slot is None:
+                output.register_hook(on_grad)
+            else:
+                node, index = slot
+                batch = output.shape[0] if output.dim() >= 2 else 1
+                node.register_hook(
+                    lambda grad_inputs, grad_outputs: on_bias_grad(index, batch, grad_inputs)
+                )
             if self.timed:
                 self.seconds += time.perf_counter() - start
 

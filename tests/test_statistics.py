@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -158,3 +159,80 @@ def test_bf16_activations_give_float32_statistics():
     assert pending.h_total.dtype == pending.s_total.dtype == torch.float32
     opt.step()
     assert opt.state[lin.weight]["factor_h"].dtype == torch.float32
+
+
+class _NormNet(nn.Module):
+    """A norm layer under test between two linear maps; ``twice`` calls it on two inputs."""
+
+    def __init__(self, norm: nn.Module, shape: tuple[int, ...], twice: bool = False) -> None:
+        super().__init__()
+        self.norm, self.shape, self.twice = norm, shape, twice
+        self.inp = nn.Linear(6, math.prod(shape))
+        self.out = nn.Linear(math.prod(shape), 3)
+
+    def forward(self, x):
+        z = self.inp(x).view(len(x), *self.shape)
+        y = self.norm(z)
+        if self.twice:
+            y = y + self.norm(z * 0.5 + 1.0)
+        y = torch.relu_(y)  # in place, after the module returned
+        return self.out(y.reshape(len(x), -1))
+
+
+def _norm_cases():
+    frozen = nn.BatchNorm1d(4)
+    frozen.bias.requires_grad_(False)
+    return {
+        "bn1d": (nn.BatchNorm1d(4), (4,), True),
+        "bn1d_seq": (nn.BatchNorm1d(4), (4, 5), True),
+        "bn2d": (nn.BatchNorm2d(4), (4, 3, 2), True),
+        "bn2d_twice": (nn.BatchNorm2d(4), (4, 3, 2), True),
+        "ln": (nn.LayerNorm(5), (4, 5), True),
+        "ln_2d_shape": (nn.LayerNorm((4, 5)), (3, 4, 5), True),
+        "ln_no_bias": (nn.LayerNorm(5, bias=False), (4, 5), False),
+        "bn_frozen_bias": (frozen, (4, 3), False),
+    }
+
+
+@pytest.mark.parametrize("case", list(_norm_cases()))
+def test_norm_output_statistic_from_bias_grad_equals_the_one_from_g(case):
+    """BatchNorm/LayerNorm read ``s`` off the bias gradient their backward computes (node
+    post-hook) instead of ``G``; it must equal SPEC §3's ``(Σ G)²/B``, per call."""
+    from lightning_adafisher.layers import layer_helper_for
+    from lightning_adafisher.statistics import _bias_grad_slot
+
+    torch.manual_seed(0)
+    norm, shape, uses_bias_grad = _norm_cases()[case]
+    model = _NormNet(norm, shape, twice=case.endswith("twice")).double()
+    x, y = _data(8)
+    grads, routes = [], []
+
+    def record(module, args, output):
+        routes.append(_bias_grad_slot(module, output) is not None)
+        output.register_hook(grads.append)  # G as produced, before the in-place relu_
+
+    handle = model.norm.register_forward_hook(record)
+    opt = AdaFisher(model)
+    F.cross_entropy(model(x), y).backward()
+    handle.remove()
+    assert routes == [uses_bias_grad] * (2 if model.twice else 1)
+    pending = opt.collector.pending["norm"]
+    helper = layer_helper_for(model.norm)
+    expected = [helper.output_stats(model.norm, g, "paper") for g in grads]
+    assert pending.s_count == sum(c for _, c in expected) == len(routes)
+    torch.testing.assert_close(pending.s_total, sum(t for t, _ in expected), rtol=1e-12, atol=0)
+    assert pending.h_count == len(routes)
+
+
+def test_norm_statistic_skips_a_backward_that_does_not_reach_the_bias():
+    """``autograd.grad`` w.r.t. the input alone (a gradient penalty) computes no bias gradient:
+    that backward adds no ``s``, and nothing fails."""
+    torch.manual_seed(0)
+    model = _NormNet(nn.BatchNorm1d(4), (4,)).double()
+    x, y = _data(8)
+    x.requires_grad_(True)
+    opt = AdaFisher(model)
+    (gx,) = torch.autograd.grad(F.cross_entropy(model(x), y), [x])
+    assert torch.isfinite(gx).all()
+    assert opt.collector.pending["norm"].s_count == 0
+    assert opt.collector.pending["out"].s_count == 8  # G-based layers still see their G
