@@ -61,8 +61,13 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+_STATS_DTYPES = (torch.float32, torch.float64)
+
+
 def _as_stats(t: Tensor) -> Tensor:
-    return t.to(stats_dtype(t.dtype))
+    # Checked in Python: every dispatched op, even a no-op ``.to``, costs tens of µs inside a
+    # hook on CPU, where the op's code is cold after the layer's own kernel (performance.md).
+    return t if t.dtype in _STATS_DTYPES else t.to(stats_dtype(t.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ def linear_input_stats(x: Tensor, bias: bool) -> tuple[Tensor, float]:
     # x.square().sum(0) is far faster on CPU than einsum or vector_norm (SPEC §7).
     total = rows.square().sum(0)
     if bias:
-        total = torch.cat((total, total.new_full((1,), float(n))))
+        total = F.pad(total, (0, 1), value=float(n))
     return total, float(n)
 
 
@@ -142,7 +147,7 @@ def _window_kernel(
 def _channel_sum(t: Tensor) -> Tensor:
     """Sum of ``[B, C, ...]`` over every dim but 1. For small spatial sizes summing the batch
     first is 2–3× faster on CPU than one reduction over the outer and inner dims."""
-    spatial = t[0, 0].numel() if t.dim() > 2 else 1
+    spatial = math.prod(t.shape[2:])
     if 1 < spatial <= 16:
         return t.sum(0).reshape(t.shape[1], spatial).sum(1)
     return t.sum([0, *range(2, t.dim())])
@@ -212,7 +217,7 @@ def conv2d_input_stats(
         total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
     rows = b * lh * lw * groups
     if bias:
-        total = torch.cat((total, total.new_full((1,), float(rows))))
+        total = F.pad(total, (0, 1), value=float(rows))
     count = float(b * lh * lw * c_group * kh * kw) if reference_normaliser else float(rows)
     return total, count
 
@@ -237,7 +242,7 @@ def batchnorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
     """
     x = _as_stats(x)
     total = _channel_sum(x)
-    k, base = _norm_input_constants(x.shape[1], x.shape[0], x[0, 0].numel(), x.dtype, x.device)
+    k, base = _norm_input_constants(x.shape[1], x.shape[0], math.prod(x.shape[2:]), x.dtype, x.device)
     return torch.addcmul(base, torch.dot(total, total), k), 1.0
 
 
