@@ -40,6 +40,7 @@ __all__ = [
     "layernorm_input_stats",
     "layernorm_output_stats",
     "norm_output_stats_from_bias_grad",
+    "norm_input_stats_from_mean",
     "Segments",
     "min_max",
     "flush_subnormal_",
@@ -155,11 +156,11 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _norm_input_constants(
-    channels: int, batch: int, summed: int, dtype: torch.dtype, device: torch.device
+    channels: int, batch: int, scale: float, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """``(k, base)`` with ``h = base + Σ_c (Σx)_c² · k = [Σ_c a_c², C] / B²`` where
-    ``a = Σx / summed²`` (one fused kernel per call instead of five)."""
-    k = torch.tensor([1.0 / (float(summed) ** 4 * float(batch) ** 2), 0.0], dtype=dtype)
+    """``(k, base)`` with ``h = base + q·k = [q·scale, C / B²]`` (one fused kernel per call
+    instead of five); ``q`` is the sum of squares the caller computed."""
+    k = torch.tensor([scale, 0.0], dtype=dtype)
     base = torch.tensor([0.0, float(channels) / float(batch) ** 2], dtype=dtype)
     return k.to(device), base.to(device)
 
@@ -242,8 +243,29 @@ def batchnorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
     """
     x = _as_stats(x)
     total = _channel_sum(x)
-    k, base = _norm_input_constants(x.shape[1], x.shape[0], math.prod(x.shape[2:]), x.dtype, x.device)
+    b, d = x.shape[0], math.prod(x.shape[2:])
+    k, base = _norm_input_constants(x.shape[1], b, 1.0 / (float(d) ** 4 * float(b) ** 2), x.dtype, x.device)
     return torch.addcmul(base, torch.dot(total, total), k), 1.0
+
+
+def norm_input_stats_from_mean(
+    mean: Tensor, x_shape: Sequence[int], per_mean: int
+) -> tuple[Tensor, float]:
+    """A norm layer's ``h`` (:func:`batchnorm_input_stats`) from the mean its kernel saved for
+    backward, without another pass over ``x`` (count 1).
+
+    ``per_mean``: how many entries of ``x`` each mean averages. BatchNorm saves one mean per
+    channel (over batch and spatial dims), so ``Σx = mean·per_mean``; LayerNorm saves one per
+    row (shape ``x_shape[:-k] + (1,)*k``), whose sum over every dim but 1, times ``per_mean``,
+    is ``Σx`` over every dim but 1 as long as dim 1 is not normalised.
+    """
+    m = _as_stats(mean)
+    if m.dim() > 1:
+        m = _channel_sum(m)
+    b, d = x_shape[0], math.prod(x_shape[2:])
+    scale = float(per_mean) ** 2 / (float(d) ** 4 * float(b) ** 2)
+    k, base = _norm_input_constants(x_shape[1], b, scale, m.dtype, m.device)
+    return torch.addcmul(base, torch.dot(m, m), k), 1.0
 
 
 def batchnorm_output_stats(g: Tensor) -> tuple[Tensor, float]:

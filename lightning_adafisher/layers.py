@@ -18,6 +18,7 @@ as ``transformers`` has been imported. Modules with no helper keep the identity 
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -71,6 +72,16 @@ class LayerHelper:
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         """Raw output-side statistic ``s`` of one call, as ``(total, count)``."""
         raise NotImplementedError
+
+    h_from_saved_mean: bool = False
+    """Whether :meth:`saved_mean_layout` can say how ``h`` follows from the mean the layer's
+    kernel saves for backward (the collector then skips the pass over ``x``)."""
+
+    def saved_mean_layout(self, module: nn.Module, x_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:
+        """``(shape of the saved mean, entries of x per mean)`` for an input of ``x_shape``, or
+        ``None`` when ``h`` does not follow from it (see
+        :func:`functional.norm_input_stats_from_mean`); only with :attr:`h_from_saved_mean`."""
+        return None
 
     s_from_bias_grad: bool = False
     """Whether :meth:`output_stats_from_bias_grad` gives ``s`` (the collector then reads the
@@ -161,8 +172,15 @@ class BatchNormHelper(LayerHelper):
         return fn.batchnorm_output_stats(g)
 
     # y = x̂·w + b per channel: the bias gradient of a call is that call's Σ G over all dims but
-    # the channel's, which is all s needs (docs/performance.md, "Third round").
+    # the channel's, which is all s needs; and h needs only Σx per channel, which the kernel's
+    # saved mean holds (docs/performance.md, "Third round").
     s_from_bias_grad = True
+    h_from_saved_mean = True
+
+    def saved_mean_layout(self, module: nn.Module, x_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:
+        if len(x_shape) < 2:
+            return None
+        return (x_shape[1],), x_shape[0] * math.prod(x_shape[2:])
 
     def output_stats_from_bias_grad(
         self, module: nn.Module, grad_bias: Tensor, batch: int
@@ -184,6 +202,12 @@ class LayerNormHelper(BatchNormHelper):
 
     def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.layernorm_input_stats(x)
+
+    def saved_mean_layout(self, module: nn.Module, x_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:
+        k = len(module.normalized_shape)
+        if len(x_shape) - k < 2:  # dim 1 is normalised: its sums are not in the row means
+            return None
+        return tuple(x_shape[:-k]) + (1,) * k, math.prod(module.normalized_shape)
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.layernorm_output_stats(g)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_adafisher import functional as fn
 from lightning_adafisher.layers import LayerHelper
 
 __all__ = ["BoundLayer", "PendingStats", "StatisticsCollector"]
@@ -41,23 +42,56 @@ _NORM_KERNEL_NODE = re.compile(r"(BatchNorm|LayerNorm)\w*Backward\d*$")
 """Autograd nodes of the norm kernels (native, cuDNN, MIOpen), whose inputs are ``(x, w, b)``."""
 
 
-def _bias_grad_slot(module: nn.Module, output: Tensor) -> tuple[Any, int] | None:
-    """``(node, i)`` when ``output`` comes straight from a norm kernel's autograd node whose
-    ``i``-th input is the module's trainable bias: the node's post-hook then receives this
-    call's bias gradient. ``None`` otherwise (a custom ``forward``, a frozen bias, a Python
-    ``autograd.Function`` such as ``SyncBatchNorm``'s, whose hook arguments are laid out by
-    its ``forward`` signature)."""
-    node, bias = output.grad_fn, getattr(module, "bias", None)
-    if node is None or not isinstance(bias, Tensor) or not bias.requires_grad:
+def _norm_kernel_node(output: Tensor) -> Any | None:
+    """The autograd node of the norm kernel that produced ``output`` (C++ nodes only: a Python
+    ``autograd.Function`` such as ``SyncBatchNorm``'s lays its hook arguments out by its own
+    ``forward`` signature), or ``None`` (a custom ``forward``, an output changed after the kernel)."""
+    node = output.grad_fn
+    if node is None or isinstance(node, torch.autograd.function.BackwardCFunction):
         return None
-    if isinstance(node, torch.autograd.function.BackwardCFunction):
-        return None
-    if not _NORM_KERNEL_NODE.search(type(node).__name__):
+    return node if _NORM_KERNEL_NODE.search(type(node).__name__) else None
+
+
+def _bias_slot(node: Any, module: nn.Module) -> int | None:
+    """Which input of ``node`` is the module's trainable bias: its post-hook then receives this
+    call's bias gradient. ``None`` for a frozen or missing bias."""
+    bias = getattr(module, "bias", None)
+    if not isinstance(bias, Tensor) or not bias.requires_grad:
         return None
     for i, (next_node, _) in enumerate(node.next_functions):
         if getattr(next_node, "variable", None) is bias:
-            return node, i
+            return i
     return None
+
+
+def _bias_grad_slot(module: nn.Module, output: Tensor) -> tuple[Any, int] | None:
+    """``(node, i)``: the norm kernel's node and its bias input, or ``None``."""
+    node = _norm_kernel_node(output)
+    slot = None if node is None else _bias_slot(node, module)
+    return None if slot is None else (node, slot)
+
+
+def _saved_mean(node: Any, expected_shape: tuple[int, ...]) -> Tensor | None:
+    """The mean a norm kernel saved for backward (its second output), or ``None``.
+
+    Not read while saved-tensor hooks are active (activation checkpointing, offloading): their
+    unpack hook would run in the forward. A mean of an unexpected shape is not used either.
+    """
+    try:
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            return None
+        mean = node._saved_result1
+    except (AttributeError, RuntimeError):
+        return None
+    return mean if isinstance(mean, Tensor) and tuple(mean.shape) == expected_shape else None
+
+
+def _deferred(function: Callable[..., tuple[Tensor, float]], *args: Any) -> Callable[[], Tensor]:
+    def finish() -> Tensor:
+        with torch.no_grad():
+            return function(*args)[0]
+
+    return finish
 
 
 @dataclass(eq=False)
@@ -80,22 +114,68 @@ class BoundLayer:
         return self.helper.factor_sizes(self.module)
 
 
-@dataclass
+Part = Tensor | Callable[[], Tensor]
+"""One call's total, or a function computing it later (finished at the optimizer step)."""
+
+
 class PendingStats:
-    """Pooled raw statistics of one layer: ``h = h_total / h_count`` (same for ``s``)."""
+    """Pooled raw statistics of one layer: ``h = h_total / h_count`` (same for ``s``).
 
-    h_total: Tensor | None = None
-    h_count: float = 0.0
-    s_total: Tensor | None = None
-    s_count: float = 0.0
+    A hook may add a *deferred* total (a zero-argument function): the small finishing ops of a
+    norm layer's or a conv's statistic then run back to back at the optimizer step instead of
+    one by one inside the hooks, where every op costs tens of µs on CPU because its code is cold
+    after the layer's own kernel (docs/performance.md, "Third round"). Totals are resolved, and
+    summed, on first read of :attr:`h_total`/:attr:`s_total`.
+    """
 
-    def add_h(self, total: Tensor, count: float) -> None:
-        self.h_total = total if self.h_total is None else self.h_total + total
+    __slots__ = ("_h", "h_count", "_s", "s_count")
+
+    def __init__(
+        self, h_total: Tensor | None = None, h_count: float = 0.0,
+        s_total: Tensor | None = None, s_count: float = 0.0,
+    ) -> None:
+        self._h: list[Part] = [] if h_total is None else [h_total]
+        self._s: list[Part] = [] if s_total is None else [s_total]
+        self.h_count, self.s_count = h_count, s_count
+
+    def __repr__(self) -> str:
+        return f"PendingStats(h_count={self.h_count}, s_count={self.s_count})"
+
+    def add_h(self, total: Part, count: float) -> None:
+        self._h.append(total)
         self.h_count += count
 
-    def add_s(self, total: Tensor, count: float) -> None:
-        self.s_total = total if self.s_total is None else self.s_total + total
+    def add_s(self, total: Part, count: float) -> None:
+        self._s.append(total)
         self.s_count += count
+
+    @staticmethod
+    def _resolve(parts: list[Part]) -> Tensor | None:
+        if not parts:
+            return None
+        if len(parts) > 1 or callable(parts[0]):
+            values = [part() if callable(part) else part for part in parts]
+            total = values[0]
+            for value in values[1:]:
+                total = total + value
+            parts[:] = [total]
+        return parts[0]  # type: ignore[return-value]
+
+    @property
+    def h_total(self) -> Tensor | None:
+        return self._resolve(self._h)
+
+    @h_total.setter
+    def h_total(self, value: Tensor) -> None:
+        self._h = [value]
+
+    @property
+    def s_total(self) -> Tensor | None:
+        return self._resolve(self._s)
+
+    @s_total.setter
+    def s_total(self, value: Tensor) -> None:
+        self._s = [value]
 
     @property
     def complete(self) -> bool:
@@ -164,12 +244,11 @@ class StatisticsCollector:
             grad_bias = grad_inputs[slot]
             if grad_bias is None:  # a backward that does not reach the bias (autograd.grad)
                 return
-            start = time.perf_counter() if self.timed else 0.0
-            with torch.no_grad():
-                total, count = helper.output_stats_from_bias_grad(layer.module, grad_bias, batch)
-            self.pending.setdefault(name, PendingStats()).add_s(total, count)
-            if self.timed:
-                self.seconds += time.perf_counter() - start
+            # Finished at the optimizer step. Holding the gradient is safe: autograd hands it to
+            # AccumulateGrad, which copies it (it steals a gradient only if nobody else holds
+            # it), and hooks must not modify their argument in place (torch's hook contract).
+            total = _deferred(helper.output_stats_from_bias_grad, layer.module, grad_bias, batch)
+            self.pending.setdefault(name, PendingStats()).add_s(total, 1.0)
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not (self.active and module.training and torch.is_grad_enabled()):
@@ -185,17 +264,27 @@ class StatisticsCollector:
                 self._counted_forwards[name] = self._counted_forwards.get(name, 0) + 1
             start = time.perf_counter() if self.timed else 0.0
             x = args[0] if args else next(iter(kwargs.values()))
-            with torch.no_grad():
-                total, count = helper.input_stats(module, x, variant)
-            self.pending.setdefault(name, PendingStats()).add_h(total, count)
-            slot = _bias_grad_slot(module, output) if helper.s_from_bias_grad else None
+            node = _norm_kernel_node(output) if helper.s_from_bias_grad or helper.h_from_saved_mean else None
+            pending = self.pending.setdefault(name, PendingStats())
+            mean = None
+            if node is not None and helper.h_from_saved_mean:
+                layout = helper.saved_mean_layout(module, tuple(x.shape))
+                if layout is not None:
+                    mean = _saved_mean(node, layout[0])
+            if mean is not None:
+                shape = tuple(x.shape)
+                pending.add_h(_deferred(fn.norm_input_stats_from_mean, mean, shape, layout[1]), 1.0)
+            else:
+                with torch.no_grad():
+                    total, count = helper.input_stats(module, x, variant)
+                pending.add_h(total, count)
+            slot = _bias_slot(node, module) if node is not None and helper.s_from_bias_grad else None
             if slot is None:
                 output.register_hook(on_grad)
             else:
-                node, index = slot
                 batch = output.shape[0] if output.dim() >= 2 else 1
                 node.register_hook(
-                    lambda grad_inputs, grad_outputs: on_bias_grad(index, batch, grad_inputs)
+                    lambda grad_inputs, grad_outputs: on_bias_grad(slot, batch, grad_inputs)
                 )
             if self.timed:
                 self.seconds += time.perf_counter() - start

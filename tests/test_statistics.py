@@ -194,34 +194,61 @@ def _norm_cases():
     }
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
 @pytest.mark.parametrize("case", list(_norm_cases()))
-def test_norm_output_statistic_from_bias_grad_equals_the_one_from_g(case):
+def test_norm_statistics_from_the_kernel_equal_the_ones_from_x_and_g(case, ckpt):
     """BatchNorm/LayerNorm read ``s`` off the bias gradient their backward computes (node
-    post-hook) instead of ``G``; it must equal SPEC §3's ``(Σ G)²/B``, per call."""
+    post-hook) and ``h`` off the mean their kernel saved, instead of passes over ``G`` and ``x``;
+    both must equal SPEC §3's formulas, per call. Under activation checkpointing (saved-tensor
+    hooks active) the mean is not read and ``h`` comes from ``x``."""
     from lightning_adafisher.layers import layer_helper_for
-    from lightning_adafisher.statistics import _bias_grad_slot
+    from lightning_adafisher.statistics import _bias_grad_slot, _norm_kernel_node, _saved_mean
 
     torch.manual_seed(0)
     norm, shape, uses_bias_grad = _norm_cases()[case]
     model = _NormNet(norm, shape, twice=case.endswith("twice")).double()
+    helper = layer_helper_for(model.norm)
     x, y = _data(8)
-    grads, routes = [], []
+    inputs, grads, s_routes, h_routes = [], [], [], []
 
     def record(module, args, output):
-        routes.append(_bias_grad_slot(module, output) is not None)
+        inputs.append(args[0].detach().clone())
+        s_routes.append(_bias_grad_slot(module, output) is not None)
+        layout = helper.saved_mean_layout(module, tuple(args[0].shape))
+        node = _norm_kernel_node(output)
+        h_routes.append(layout is not None and node is not None and _saved_mean(node, layout[0]) is not None)
         output.register_hook(grads.append)  # G as produced, before the in-place relu_
 
     handle = model.norm.register_forward_hook(record)
     opt = AdaFisher(model)
-    F.cross_entropy(model(x), y).backward()
+    if ckpt:
+        loss = F.cross_entropy(checkpoint(model, x, use_reentrant=False), y)
+    else:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
     handle.remove()
-    assert routes == [uses_bias_grad] * (2 if model.twice else 1)
+    calls = 2 if model.twice else 1
+    if ckpt:  # the recomputation's forward hooks ran too: keep the original forward's calls
+        inputs, s_routes, h_routes = inputs[:calls], s_routes[:calls], h_routes[:calls]
+    assert s_routes == [uses_bias_grad] * calls
+    assert h_routes == [not ckpt] * calls
     pending = opt.collector.pending["norm"]
-    helper = layer_helper_for(model.norm)
-    expected = [helper.output_stats(model.norm, g, "paper") for g in grads]
-    assert pending.s_count == sum(c for _, c in expected) == len(routes)
-    torch.testing.assert_close(pending.s_total, sum(t for t, _ in expected), rtol=1e-12, atol=0)
-    assert pending.h_count == len(routes)
+    expected_s = [helper.output_stats(model.norm, g, "paper") for g in grads]
+    expected_h = [helper.input_stats(model.norm, i, "paper") for i in inputs]
+    assert pending.s_count == sum(c for _, c in expected_s) == calls
+    assert pending.h_count == sum(c for _, c in expected_h) == calls
+    torch.testing.assert_close(pending.s_total, sum(t for t, _ in expected_s), rtol=1e-12, atol=0)
+    torch.testing.assert_close(pending.h_total, sum(t for t, _ in expected_h), rtol=1e-12, atol=0)
+
+
+def test_layernorm_over_dim_1_reads_h_from_x():
+    """A LayerNorm of a ``[B, D]`` input normalises dim 1, whose sums the row means do not hold:
+    ``h`` comes from ``x`` (and still equals SPEC §3's formula)."""
+    from lightning_adafisher.layers import layer_helper_for
+
+    norm = nn.LayerNorm(4)
+    assert layer_helper_for(norm).saved_mean_layout(norm, (8, 4)) is None
+    assert layer_helper_for(norm).saved_mean_layout(norm, (8, 3, 4)) == ((8, 3, 1), 4)
 
 
 def test_norm_statistic_skips_a_backward_that_does_not_reach_the_bias():
