@@ -175,7 +175,8 @@ def conv2d_input_stats(
     groups: int,
     bias: bool,
     reference_normaliser: bool = False,
-) -> tuple[Tensor, float]:
+    deferred: bool = False,
+) -> tuple[Tensor | Callable[[], Tensor], float]:
     """Diagonal of the im2col second moment, without building im2col (SPEC §3, §7).
 
     ``h[c, i, j] = Σ_b Σ_positions x_pad[b, c, p_h·s_h + i·d_h, p_w·s_w + j·d_w]²``: square and
@@ -189,6 +190,9 @@ def conv2d_input_stats(
 
     Returns the total over rows (ones column last if ``bias``) and the count: the number of rows
     ``B·L·groups``, or with ``reference_normaliser`` the released code's ``B·L·(C_in/groups)·kh·kw``.
+    With ``deferred`` the pass over ``x`` is made now and the total is returned as a function
+    that finishes it (the window sums: a few small ops, run later at the optimizer step), as long
+    as the batch-summed ``x²`` it keeps has at most ``DEFER_MAX`` entries.
     """
     if x.dim() == 3:
         x = x.unsqueeze(0)
@@ -208,19 +212,27 @@ def conv2d_input_stats(
     lw = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     rows_key = (h, kh, lh, sh, dh, top)
     cols_key = (w, kw, lw, sw, dw, left)
-    if h * w * kh * kw <= _WINDOW_KERNEL_MAX:
-        # One matmul with the Kronecker product of the selectors (cached): fewer kernels.
-        kernel = _window_kernel(rows_key, cols_key, xs.dtype, xs.device)
-        total = torch.mm(xs.reshape(xs.shape[0], h * w), kernel).reshape(-1)
-    else:
-        rows_sel = _window_selector(*rows_key, xs.dtype, xs.device)
-        cols_sel = _window_selector(*cols_key, xs.dtype, xs.device)
-        total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
     rows = b * lh * lw * groups
-    if bias:
-        total = F.pad(total, (0, 1), value=float(rows))
     count = float(b * lh * lw * c_group * kh * kw) if reference_normaliser else float(rows)
-    return total, count
+
+    def window_sums() -> Tensor:
+        if h * w * kh * kw <= _WINDOW_KERNEL_MAX:
+            # One matmul with the Kronecker product of the selectors (cached): fewer kernels.
+            kernel = _window_kernel(rows_key, cols_key, xs.dtype, xs.device)
+            total = torch.mm(xs.reshape(xs.shape[0], h * w), kernel).reshape(-1)
+        else:
+            rows_sel = _window_selector(*rows_key, xs.dtype, xs.device)
+            cols_sel = _window_selector(*cols_key, xs.dtype, xs.device)
+            total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
+        return F.pad(total, (0, 1), value=float(rows)) if bias else total
+
+    if deferred and xs.numel() <= DEFER_MAX:
+        return window_sums, count
+    return window_sums(), count
+
+
+DEFER_MAX = 1 << 18
+"""Largest batch-summed ``x²`` (entries) a deferred conv statistic keeps until the step."""
 
 
 def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +69,14 @@ class LayerHelper:
     def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
         """Raw input-side statistic ``h`` of one call, as ``(total, count)``."""
         raise NotImplementedError
+
+    def input_stats_in_hook(
+        self, module: nn.Module, x: Tensor, variant: str
+    ) -> tuple[Tensor | Callable[[], Tensor], float]:
+        """:meth:`input_stats` as the forward hook calls it: the total may be a zero-argument
+        function that finishes it at the optimizer step, once the pass over ``x`` is done
+        (fewer ops inside hooks, where each costs tens of µs on CPU; docs/performance.md)."""
+        return self.input_stats(module, x, variant)
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         """Raw output-side statistic ``s`` of one call, as ``(total, count)``."""
@@ -143,6 +152,16 @@ class Conv2dHelper(LayerHelper):
         return cols + (module.bias is not None), module.out_channels
 
     def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
+        return self._input_stats(module, x, variant, deferred=False)  # type: ignore[return-value]
+
+    def input_stats_in_hook(
+        self, module: nn.Module, x: Tensor, variant: str
+    ) -> tuple[Tensor | Callable[[], Tensor], float]:
+        return self._input_stats(module, x, variant, deferred=True)
+
+    def _input_stats(
+        self, module: nn.Module, x: Tensor, variant: str, deferred: bool
+    ) -> tuple[Tensor | Callable[[], Tensor], float]:
         return fn.conv2d_input_stats(
             x,
             module.kernel_size,
@@ -153,6 +172,7 @@ class Conv2dHelper(LayerHelper):
             module.groups,
             bias=module.bias is not None,
             reference_normaliser=variant == "reference",
+            deferred=deferred,
         )
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:

@@ -86,6 +86,14 @@ def _saved_mean(node: Any, expected_shape: tuple[int, ...]) -> Tensor | None:
     return mean if isinstance(mean, Tensor) and tuple(mean.shape) == expected_shape else None
 
 
+def _deferred_total(finish: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        with torch.no_grad():
+            return finish()
+
+    return run
+
+
 def _deferred(function: Callable[..., tuple[Tensor, float]], *args: Any) -> Callable[[], Tensor]:
     def finish() -> Tensor:
         with torch.no_grad():
@@ -276,7 +284,9 @@ class StatisticsCollector:
                 pending.add_h(_deferred(fn.norm_input_stats_from_mean, mean, shape, layout[1]), 1.0)
             else:
                 with torch.no_grad():
-                    total, count = helper.input_stats(module, x, variant)
+                    total, count = helper.input_stats_in_hook(module, x, variant)
+                if callable(total):
+                    total = _deferred_total(total)
                 pending.add_h(total, count)
             slot = _bias_slot(node, module) if node is not None and helper.s_from_bias_grad else None
             if slot is None:
