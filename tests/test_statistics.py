@@ -263,3 +263,26 @@ def test_norm_statistic_skips_a_backward_that_does_not_reach_the_bias():
     assert torch.isfinite(gx).all()
     assert opt.collector.pending["norm"].s_count == 0
     assert opt.collector.pending["out"].s_count == 8  # G-based layers still see their G
+
+
+@pytest.mark.parametrize("size", [6, 40])
+def test_conv_window_sums_finished_at_the_step_equal_the_eager_ones(size, monkeypatch):
+    """The forward hook keeps the batch-summed ``x²`` and finishes the conv's ``h`` at the
+    step; the result is bitwise the eager :meth:`input_stats`. Above ``DEFER_MAX`` entries the
+    hook finishes it at once (bounded memory)."""
+    from lightning_adafisher import functional as fn
+    from lightning_adafisher.layers import layer_helper_for
+
+    monkeypatch.setattr(fn, "DEFER_MAX", 3 * 20 * 20)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True).double()
+    model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(5, 3, size, size, dtype=DT)
+    model(x)
+    opt = AdaFisher(model)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 0, 1, 1])).backward()
+    parts = opt.collector.pending["0"]._h
+    assert callable(parts[0]) is (3 * size * size <= fn.DEFER_MAX)
+    expected, count = layer_helper_for(conv).input_stats(conv, x, "paper")
+    assert opt.collector.pending["0"].h_count == count
+    assert torch.equal(opt.collector.pending["0"].h_total, expected)
