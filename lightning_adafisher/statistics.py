@@ -95,11 +95,8 @@ def _deferred_total(finish: Callable[[], Tensor]) -> Callable[[], Tensor]:
 
 
 def _deferred(function: Callable[..., tuple[Tensor, float]], *args: Any) -> Callable[[], Tensor]:
-    def finish() -> Tensor:
-        with torch.no_grad():
-            return function(*args)[0]
-
-    return finish
+    """The total of ``function(*args)``, computed when first read."""
+    return _deferred_total(lambda: function(*args)[0])
 
 
 @dataclass(eq=False)
