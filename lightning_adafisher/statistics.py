@@ -64,13 +64,6 @@ def _bias_slot(node: Any, module: nn.Module) -> int | None:
     return None
 
 
-def _bias_grad_slot(module: nn.Module, output: Tensor) -> tuple[Any, int] | None:
-    """``(node, i)``: the norm kernel's node and its bias input, or ``None``."""
-    node = _norm_kernel_node(output)
-    slot = None if node is None else _bias_slot(node, module)
-    return None if slot is None else (node, slot)
-
-
 def _saved_mean(node: Any, expected_shape: tuple[int, ...]) -> Tensor | None:
     """The mean a norm kernel saved for backward (its second output), or ``None``.
 
@@ -271,13 +264,10 @@ class StatisticsCollector:
             x = args[0] if args else next(iter(kwargs.values()))
             node = _norm_kernel_node(output) if helper.s_from_bias_grad or helper.h_from_saved_mean else None
             pending = self.pending.setdefault(name, PendingStats())
-            mean = None
-            if node is not None and helper.h_from_saved_mean:
-                layout = helper.saved_mean_layout(module, tuple(x.shape))
-                if layout is not None:
-                    mean = _saved_mean(node, layout[0])
+            shape = tuple(x.shape)
+            layout = helper.saved_mean_layout(module, shape) if node is not None and helper.h_from_saved_mean else None
+            mean = None if layout is None else _saved_mean(node, layout[0])
             if mean is not None:
-                shape = tuple(x.shape)
                 pending.add_h(_deferred(fn.norm_input_stats_from_mean, mean, shape, layout[1]), 1.0)
             else:
                 with torch.no_grad():

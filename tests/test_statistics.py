@@ -202,7 +202,7 @@ def test_norm_statistics_from_the_kernel_equal_the_ones_from_x_and_g(case, ckpt)
     both must equal SPEC §3's formulas, per call. Under activation checkpointing (saved-tensor
     hooks active) the mean is not read and ``h`` comes from ``x``."""
     from lightning_adafisher.layers import layer_helper_for
-    from lightning_adafisher.statistics import _bias_grad_slot, _norm_kernel_node, _saved_mean
+    from lightning_adafisher.statistics import _bias_slot, _norm_kernel_node, _saved_mean
 
     torch.manual_seed(0)
     norm, shape, uses_bias_grad = _norm_cases()[case]
@@ -213,9 +213,9 @@ def test_norm_statistics_from_the_kernel_equal_the_ones_from_x_and_g(case, ckpt)
 
     def record(module, args, output):
         inputs.append(args[0].detach().clone())
-        s_routes.append(_bias_grad_slot(module, output) is not None)
-        layout = helper.saved_mean_layout(module, tuple(args[0].shape))
         node = _norm_kernel_node(output)
+        s_routes.append(node is not None and _bias_slot(node, module) is not None)
+        layout = helper.saved_mean_layout(module, tuple(args[0].shape))
         h_routes.append(layout is not None and node is not None and _saved_mean(node, layout[0]) is not None)
         output.register_hook(grads.append)  # G as produced, before the in-place relu_
 
