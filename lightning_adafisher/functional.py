@@ -557,7 +557,10 @@ def adafisher_update(
     * on the single-tensor path: ``F`` written into ``workspace(numel, dtype, device)`` (one
       reusable scratch buffer) right before it is used, in blocks of at most
       :data:`UPDATE_BLOCK` elements;
-    * on the multi-tensor path: with ``F`` materialised per parameter.
+    * on the multi-tensor path: ``F`` of consecutive parameters written into views of
+      ``workspace`` until :data:`UPDATE_BLOCK` elements are filled, then one set of ``_foreach``
+      kernels per such chunk (a weight larger than a chunk takes the blocked single-tensor
+      path); without a ``workspace``, ``F`` is materialised per parameter.
 
     All give the same numbers as the plain formula (the eager paths bitwise, the fused one to
     rounding). A non-contiguous parameter takes the materialised path.
@@ -570,19 +573,29 @@ def adafisher_update(
         isinstance(d, KronFactors) and params[i].is_contiguous() and exp_avgs[i].is_contiguous()
         for i, d in enumerate(denominators)
     ]
+    kron = [i for i, ok in enumerate(viewable) if ok]
     if fused or not foreach:
-        kron = [i for i, ok in enumerate(viewable) if ok]
         done = fused and _fused_update(
             [params[i] for i in kron], [grads[i] for i in kron], [exp_avgs[i] for i in kron],
             [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs,  # type: ignore[misc]
         )
-        if not done:
-            for i in kron:
-                _blocked_kron_update(params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
-                                     workspace=workspace, **kwargs)
-        keep = [i for i, ok in enumerate(viewable) if not ok]
-        params, grads, exp_avgs = [params[i] for i in keep], [grads[i] for i in keep], [exp_avgs[i] for i in keep]
-        denominators, steps = [denominators[i] for i in keep], [steps[i] for i in keep]
+        blocked = [] if done else kron
+    elif workspace is not None:
+        blocked = [i for i in kron if params[i].numel() > UPDATE_BLOCK]
+        for chunk in _chunks([i for i in kron if params[i].numel() <= UPDATE_BLOCK], params):
+            _chunked_multi_tensor_update(
+                [params[i] for i in chunk], [grads[i] for i in chunk], [exp_avgs[i] for i in chunk],
+                [denominators[i] for i in chunk], [steps[i] for i in chunk],  # type: ignore[misc]
+                workspace=workspace, **kwargs,
+            )
+    else:
+        kron = blocked = []  # everything materialised below
+    for i in blocked:
+        _blocked_kron_update(params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
+                             workspace=workspace, **kwargs)
+    keep = [i for i, ok in enumerate(viewable) if not ok] if kron else range(len(params))
+    params, grads, exp_avgs = [params[i] for i in keep], [grads[i] for i in keep], [exp_avgs[i] for i in keep]
+    denominators, steps = [denominators[i] for i in keep], [steps[i] for i in keep]
     denominators = [
         d.materialise(p.shape).to(p.dtype) if isinstance(d, KronFactors) else d
         for p, d in zip(params, denominators)
@@ -674,6 +687,45 @@ def _blocked_kron_update(
         torch.mul(r_block[r0:r1].unsqueeze(1), c_all, out=denom)
         denom.add_(kron.damping)
         pb.addcdiv_(mb, denom, value=-step_size)
+
+
+def _chunks(indices: list[int], params: list[Tensor]) -> list[list[int]]:
+    """``indices`` cut into runs of one device and dtype holding at most :data:`UPDATE_BLOCK`
+    elements in all (every parameter here is at most that large)."""
+    chunks: list[list[int]] = []
+    filled, key = 0, None
+    for i in indices:
+        p = params[i]
+        if not chunks or (p.device, p.dtype) != key or filled + p.numel() > UPDATE_BLOCK:
+            chunks.append([])
+            filled, key = 0, (p.device, p.dtype)
+        chunks[-1].append(i)
+        filled += p.numel()
+    return chunks
+
+
+def _chunked_multi_tensor_update(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], kron: list[KronFactors],
+    steps: list[int], *, lr: float, beta: float, weight_decay: float, decoupled: bool,
+    workspace: Callable[[int, torch.dtype, torch.device], Tensor],
+) -> None:
+    """The multi-tensor update of one chunk, each ``F`` written into its slice of the scratch
+    buffer (the same ops as :meth:`KronFactors.materialise`, so the same numbers)."""
+    scratch = workspace(sum(p.numel() for p in params), params[0].dtype, params[0].device)
+    denominators: list[Tensor] = []
+    offset = 0
+    for p, k in zip(params, kron):
+        cols = k.cols.numel()
+        rows = p.numel() // cols
+        f = scratch[offset : offset + p.numel()].view(rows, cols)
+        r = k.rows.to(p.dtype)
+        torch.mul((r.expand(rows) if r.numel() == 1 else r).unsqueeze(1), k.cols.to(p.dtype).unsqueeze(0), out=f)
+        denominators.append(f.add_(k.damping).view(p.shape))
+        offset += p.numel()
+    _multi_tensor_update(
+        params, grads, exp_avgs, denominators, steps,  # type: ignore[arg-type]
+        lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled,
+    )
 
 
 def _single_tensor_update(

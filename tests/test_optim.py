@@ -290,6 +290,55 @@ def test_blocked_kron_update_is_bitwise_the_unblocked_one(monkeypatch):
             assert torch.equal(p, q)
 
 
+def test_multi_tensor_update_bounds_f_by_chunks_with_the_single_tensor_numbers(monkeypatch):
+    """The multi-tensor path writes F into the scratch buffer chunk by chunk (at most
+    UPDATE_BLOCK elements at once; larger weights go through the blocked path) and gives the
+    same bits whatever the chunk size, and the single-tensor path's for every Kronecker
+    parameter."""
+    from lightning_adafisher import functional as fn
+
+    def train(foreach, block, steps=3):
+        monkeypatch.setattr(fn, "UPDATE_BLOCK", block)
+        model = make_mixed(dtype=torch.float32)
+        g = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = AdaFisherW(model, lr=1e-2, weight_decay=0.1, foreach=foreach)
+        requested = []
+        scratch = opt._scratch
+        opt._scratch = lambda n, dtype, device: requested.append(n) or scratch(n, dtype, device)
+        for _ in range(steps):
+            x = torch.randn(4, 3, 8, 8, generator=g)
+            y = torch.randint(0, 5, (4,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], requested
+
+    single, _ = train(False, 1 << 30)
+    whole, _ = train(True, 1 << 30)
+    names = [name for name, _ in make_mixed().named_parameters()]
+    for name, p, q in zip(names, single, whole):
+        if name == "scale":  # identity fallback: foreach multiplies, then adds (rounds twice)
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(p, q), name
+    largest = max(p.numel() for p in make_mixed().parameters())
+    for block in (largest, largest + 50):  # several chunks: the same bits
+        params, requested = train(True, block)
+        for p, q in zip(whole, params):
+            assert torch.equal(p, q)
+        assert requested and max(requested) <= block
+    # the largest weights exceed the chunk: blocked single-tensor path (its vector tails round
+    # differently from the whole-tensor kernels, so one step is compared: rounding only), still
+    # never more than a chunk of F at once
+    one_step, _ = train(True, 1 << 30, steps=1)
+    params, requested = train(True, largest - 1, steps=1)
+    for p, q in zip(one_step, params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert requested and max(requested) <= largest - 1
+
+
 def test_channels_last_weights_take_the_materialised_path_with_the_same_numbers():
     """A channels_last conv weight cannot be viewed as [out, in·kh·kw]: its F is materialised
     in the weight's own shape instead, and training matches the contiguous model."""
