@@ -271,13 +271,7 @@ def norm_input_stats_from_mean(
     row (shape ``x_shape[:-k] + (1,)*k``), whose sum over every dim but 1, times ``per_mean``,
     is ``Σx`` over every dim but 1 as long as dim 1 is not normalised.
     """
-    m = _as_stats(mean)
-    if m.dim() > 1:
-        m = _channel_sum(m)
-    b, d = x_shape[0], math.prod(x_shape[2:])
-    scale = float(per_mean) ** 2 / (float(d) ** 4 * float(b) ** 2)
-    k, base = _norm_input_constants(x_shape[1], b, scale, m.dtype, m.device)
-    return torch.addcmul(base, torch.dot(m, m), k), 1.0
+    return finish_norm_statistics([], [(mean, x_shape, per_mean)])[1][0], 1.0
 
 
 def batchnorm_output_stats(g: Tensor) -> tuple[Tensor, float]:
@@ -307,10 +301,63 @@ def norm_output_stats_from_bias_grad(grad_bias: Tensor, batch: int) -> tuple[Ten
     ``Σ G`` over those dims: BatchNorm's ``Σ_{b,spatial} G`` (shape ``[C]``), LayerNorm's sum
     over the leading dims (shape ``normalized_shape``, summed here to its last dim).
     """
-    total = _as_stats(grad_bias)
-    if total.dim() > 1:
-        total = total.reshape(-1, total.shape[-1]).sum(0)
-    return total.square().div_(float(batch)), 1.0
+    return finish_norm_statistics([(grad_bias, batch)], [])[0][0], 1.0
+
+
+@functools.lru_cache(maxsize=64)
+def _norm_finish_constants(
+    grad_pieces: tuple[tuple[int, int], ...], mean_pieces: tuple[tuple[int, float, float], ...],
+    dtype: torch.dtype, device: torch.device,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """For :func:`finish_norm_statistics`: the batch size spread over the bias-gradient pieces
+    ``(length, batch)``; the piece ids, the scale of ``Σ mean²`` and the constant second entry
+    ``C / B²`` of the mean pieces ``(length, scale, C / B²)``."""
+    batches = ids = scales = second = None
+    if grad_pieces:
+        batches = torch.repeat_interleave(
+            torch.tensor([float(b) for _, b in grad_pieces], dtype=dtype),
+            torch.tensor([n for n, _ in grad_pieces]),
+        ).to(device)
+    if mean_pieces:
+        ids = torch.repeat_interleave(
+            torch.arange(len(mean_pieces)), torch.tensor([n for n, _, _ in mean_pieces])
+        ).to(device)
+        scales = torch.tensor([c for _, c, _ in mean_pieces], dtype=dtype).to(device)
+        second = torch.tensor([v for _, _, v in mean_pieces], dtype=dtype).to(device)
+    return batches, ids, scales, second
+
+
+def finish_norm_statistics(
+    bias_grads: Sequence[tuple[Tensor, int]], means: Sequence[tuple[Tensor, Sequence[int], int]],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Many norm-layer calls' ``s`` (:func:`norm_output_stats_from_bias_grad`, from
+    ``(grad_bias, batch)``) and ``h`` (:func:`norm_input_stats_from_mean`, from ``(mean,
+    x_shape, per_mean)``), all of one device and dtype, computed together: a handful of kernels
+    for every norm layer of a model instead of a few per layer (each dispatched op costs
+    5–40 µs on CPU, docs/performance.md). Returns the totals in order (the counts are all 1).
+    """
+    grads = [_as_stats(g) for g, _ in bias_grads]
+    grads = [g.reshape(-1, g.shape[-1]).sum(0) if g.dim() > 1 else g for g in grads]
+    sums = [_as_stats(m) for m, _, _ in means]
+    sums = [_channel_sum(m) if m.dim() > 1 else m for m in sums]
+    mean_pieces = []
+    for m, (_, shape, per_mean) in zip(sums, means):
+        b, d = float(shape[0]), float(math.prod(shape[2:]))
+        mean_pieces.append((m.numel(), float(per_mean) ** 2 / (d**4 * b**2), float(shape[1]) / b**2))
+    like = (grads or sums)[0]
+    batches, ids, scales, second = _norm_finish_constants(
+        tuple((g.numel(), b) for g, (_, b) in zip(grads, bias_grads)), tuple(mean_pieces),
+        like.dtype, like.device,
+    )
+    s_totals: list[Tensor] = []
+    if grads:
+        s_totals = list(torch.cat(grads).square_().div_(batches).split([g.numel() for g in grads]))
+    h_totals: list[Tensor] = []
+    if sums:
+        squares = torch.cat(sums).square_()
+        q = torch.zeros(len(sums), dtype=like.dtype, device=like.device).index_add_(0, ids, squares)
+        h_totals = list(torch.stack([q * scales, second], 1).unbind(0))
+    return s_totals, h_totals
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,14 +27,14 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_adafisher import functional as fn
-from lightning_adafisher.layers import LayerHelper
+from lightning_adafisher.layers import BatchNormHelper, LayerHelper
 
 __all__ = ["BoundLayer", "PendingStats", "StatisticsCollector"]
 
@@ -92,6 +92,43 @@ def _deferred(function: Callable[..., tuple[Tensor, float]], *args: Any) -> Call
     return _deferred_total(lambda: function(*args)[0])
 
 
+class NormPart(NamedTuple):
+    """One norm-layer call's total, kept as data until the optimizer step, where every such part
+    of a step is finished together (:func:`functional.finish_norm_statistics`): ``s`` from the
+    call's bias gradient (``args = (grad_bias, batch)``) or ``h`` from the saved mean
+    (``args = (mean, x_shape, per_mean)``)."""
+
+    from_bias_grad: bool
+    args: tuple[Any, ...]
+
+    def finish(self) -> Tensor:
+        """This part alone (the same ops as the batched form)."""
+        with torch.no_grad():
+            if self.from_bias_grad:
+                return fn.norm_output_stats_from_bias_grad(*self.args)[0]
+            return fn.norm_input_stats_from_mean(*self.args)[0]
+
+
+def finish_norm_parts(pending: dict[str, PendingStats]) -> None:
+    """Finish every :class:`NormPart` in ``pending`` together, per device and dtype."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[list[Part], int, NormPart]]] = {}
+    for stats in pending.values():
+        for parts in (stats._h, stats._s):
+            for i, part in enumerate(parts):
+                if isinstance(part, NormPart):
+                    t = part.args[0]
+                    groups.setdefault((t.device, fn.stats_dtype(t.dtype)), []).append((parts, i, part))
+    with torch.no_grad():
+        for items in groups.values():
+            s, h = fn.finish_norm_statistics(
+                [part.args for _, _, part in items if part.from_bias_grad],
+                [part.args for _, _, part in items if not part.from_bias_grad],
+            )
+            s_iter, h_iter = iter(s), iter(h)
+            for parts, i, part in items:
+                parts[i] = next(s_iter) if part.from_bias_grad else next(h_iter)
+
+
 @dataclass(eq=False)
 class BoundLayer:
     """A module whose parameters get Kronecker factors."""
@@ -112,8 +149,8 @@ class BoundLayer:
         return self.helper.factor_sizes(self.module)
 
 
-Part = Tensor | Callable[[], Tensor]
-"""One call's total, or a function computing it later (finished at the optimizer step)."""
+Part = Tensor | Callable[[], Tensor] | NormPart
+"""One call's total, or what computes it later (finished at the optimizer step)."""
 
 
 class PendingStats:
@@ -151,8 +188,11 @@ class PendingStats:
     def _resolve(parts: list[Part]) -> Tensor | None:
         if not parts:
             return None
-        if len(parts) > 1 or callable(parts[0]):
-            values = [part() if callable(part) else part for part in parts]
+        if len(parts) > 1 or not isinstance(parts[0], Tensor):
+            values = [
+                part.finish() if isinstance(part, NormPart) else part() if callable(part) else part
+                for part in parts
+            ]
             total = values[0]
             for value in values[1:]:
                 total = total + value
@@ -223,12 +263,16 @@ class StatisticsCollector:
         pending = self.pending
         self.pending = {}
         self._counted_forwards.clear()
+        finish_norm_parts(pending)
         return pending
 
     # ----------------------------------------------------------------------------------------
 
     def _make_forward_hook(self, layer: BoundLayer) -> Callable[..., None]:
         name, helper, variant = layer.name, layer.helper, self.variant
+        builtin_bias_grad = (
+            type(helper).output_stats_from_bias_grad is BatchNormHelper.output_stats_from_bias_grad
+        )
 
         def on_grad(g: Tensor) -> None:
             start = time.perf_counter() if self.timed else 0.0
@@ -245,7 +289,10 @@ class StatisticsCollector:
             # Finished at the optimizer step. Holding the gradient is safe: autograd hands it to
             # AccumulateGrad, which copies it (it steals a gradient only if nobody else holds
             # it), and hooks must not modify their argument in place (torch's hook contract).
-            total = _deferred(helper.output_stats_from_bias_grad, layer.module, grad_bias, batch)
+            if builtin_bias_grad:
+                total: Part = NormPart(True, (grad_bias, batch))
+            else:
+                total = _deferred(helper.output_stats_from_bias_grad, layer.module, grad_bias, batch)
             self.pending.setdefault(name, PendingStats()).add_s(total, 1.0)
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -268,7 +315,7 @@ class StatisticsCollector:
             layout = helper.saved_mean_layout(module, shape) if node is not None and helper.h_from_saved_mean else None
             mean = None if layout is None else _saved_mean(node, layout[0])
             if mean is not None:
-                pending.add_h(_deferred(fn.norm_input_stats_from_mean, mean, shape, layout[1]), 1.0)
+                pending.add_h(NormPart(False, (mean, shape, layout[1])), 1.0)
             else:
                 with torch.no_grad():
                     total, count = helper.input_stats_in_hook(module, x, variant)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_adafisher import AdaFisher, AdaFisherW
@@ -286,3 +286,58 @@ def test_conv_window_sums_finished_at_the_step_equal_the_eager_ones(size, monkey
     expected, count = layer_helper_for(conv).input_stats(conv, x, "paper")
     assert opt.collector.pending["0"].h_count == count
     assert torch.equal(opt.collector.pending["0"].h_total, expected)
+
+
+def test_norm_statistics_of_a_step_are_finished_together_with_the_per_layer_numbers():
+    """Every norm layer's deferred parts (bias-gradient ``s``, saved-mean ``h``) of a step are
+    finished in one batch when the optimizer consumes them; BatchNorm 1d/2d and a LayerNorm over
+    two dims, one of them called twice, each equal SPEC §3's formulas on that layer's own ``x``
+    and ``G`` (float64, 1e-12)."""
+    from lightning_adafisher.layers import layer_helper_for
+    from lightning_adafisher.statistics import NormPart
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 48)
+            self.bn1, self.bn2, self.ln = nn.BatchNorm1d(48), nn.BatchNorm2d(3), nn.LayerNorm((4, 4))
+            self.out = nn.Linear(48, 3)
+
+        def forward(self, x):
+            z = self.bn1(self.inp(x))
+            z = self.bn1(z * 0.5 + 1.0) + z  # bn1 called twice
+            # tanh between the norms, offsets: no sums that vanish identically (G of a layer
+            # feeding a norm sums to zero over the normalised dims) and non-zero means
+            z = self.bn2(torch.tanh(z).view(-1, 3, 4, 4) + 1.0)
+            return self.out(self.ln(torch.tanh(z) + 0.5).reshape(len(x), -1))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = _data(8)
+    opt = AdaFisher(model)
+    seen = {name: ([], []) for name in ("bn1", "bn2", "ln")}
+    handles = []
+    for name, (inputs, grads) in seen.items():
+        module = getattr(model, name)
+
+        def keep(mod, args, out, inputs=inputs, grads=grads):
+            inputs.append(args[0].detach().clone())
+            out.register_hook(lambda g: grads.append(g.detach().clone()))
+
+        handles.append(module.register_forward_hook(keep))
+    F.cross_entropy(model(x), y).backward()
+    for handle in handles:
+        handle.remove()
+    pending = opt.collector.pending
+    for name in seen:
+        assert all(isinstance(part, NormPart) for part in pending[name]._h + pending[name]._s)
+    consumed = opt.collector.consume()
+    for name, (inputs, grads) in seen.items():
+        module = getattr(model, name)
+        helper = layer_helper_for(module)
+        expected_h = sum(helper.input_stats(module, i, "paper")[0] for i in inputs)
+        expected_s = sum(helper.output_stats(module, g, "paper")[0] for g in grads)
+        assert all(isinstance(part, Tensor) for part in consumed[name]._h + consumed[name]._s)
+        assert consumed[name].h_count == consumed[name].s_count == len(inputs) == (2 if name == "bn1" else 1)
+        torch.testing.assert_close(consumed[name].h_total, expected_h, rtol=1e-12, atol=0)
+        torch.testing.assert_close(consumed[name].s_total, expected_s, rtol=1e-12, atol=0)
