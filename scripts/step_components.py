@@ -7,7 +7,8 @@ Prints, as medians over interleaved rounds (docs/performance.md, "Second round")
 * ``update``: ``optimizer.step()`` on a step without statistics;
 * ``fold+update``: the fold of one real statistics step, then the update;
 * the same for ``fused=True`` (the first call compiles, tens of seconds);
-* ``hooks``: the statistics hooks' own time per training step, per helper type.
+* ``hooks``: the statistics hooks' own time per training step: the passes over ``x`` and ``G``
+  per layer type, and the rest.
 
 ``--old DIR`` also times a copy of an older package found in ``DIR/laf_orig`` (copy the package
 there and rename its imports), interleaved with the working tree: how the before/after pairs of
@@ -38,7 +39,6 @@ def main() -> None:
     import torchvision
 
     import lightning_adafisher as laf
-    from lightning_adafisher import layers
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,32 +90,37 @@ def main() -> None:
         ms = statistics.median(values) * 1e3
         print(f"{key:22s} {ms:7.2f} ms  × Adam's step {ms / adam_ms:5.2f}")
 
-    # the hooks' own time, per helper type, inside training
+    # the hooks' own time inside training: the passes over x and G (the functional helpers the
+    # hooks call; the norm layers' are finished at the step), and the collector's whole hook time
+    from lightning_adafisher import functional as fn
+
     spent: dict[str, float] = collections.defaultdict(float)
-    for cls in {type(h) for _, h in layers._REGISTRY}:
-        for method in ("input_stats", "output_stats"):
-            original = getattr(cls, method)
+    for name in ("conv2d_input_stats", "conv2d_output_stats", "linear_input_stats", "linear_output_stats"):
+        original = getattr(fn, name)
 
-            def timed(self, module, t, variant, _f=original, _key=f"{cls.__name__}.{method}"):
-                start = time.perf_counter()
-                out = _f(self, module, t, variant)
-                spent[_key] += time.perf_counter() - start
-                return out
+        def timed(*a, _f=original, _key=name, **k):
+            start = time.perf_counter()
+            out = _f(*a, **k)
+            spent[_key] += time.perf_counter() - start
+            return out
 
-            setattr(cls, method, timed)
+        setattr(fn, name, timed)
     model = copy.deepcopy(base)
     opt = laf.AdaFisher(model)
+    opt.collector.timed = True
     steps = 15
     for r in range(3 + steps):
         if r == 3:
             spent.clear()
+            opt.collector.seconds = 0.0
         opt.collector.active = True
         fwd_bwd(model)
         opt.collector.consume()
     for key, seconds in sorted(spent.items()):
         print(f"hooks {key:32s} {seconds / steps * 1e3:6.2f} ms per step")
-    print(f"hooks total {sum(spent.values()) / steps * 1e3:.2f} ms per step")
-
+    total = opt.collector.seconds / steps * 1e3
+    print(f"hooks total {total:.2f} ms per step (the rest, {total - sum(spent.values()) / steps * 1e3:.2f} ms: "
+          "hook bodies, norm-layer routes, hook registration)")
 
 if __name__ == "__main__":
     main()
