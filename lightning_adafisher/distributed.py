@@ -2,9 +2,11 @@
 
 The only module that touches ``torch.distributed``; everything works uninitialised. The buffer
 has a fixed layout on every rank, decided by the bound layers alone (the same model on every
-rank): for each layer ``[h_total (len H), h_count, s_total (len S), s_count]``. A layer that a
-rank did not use contributes zeros, so no rank waits for a collective the others skip and the
-pooled mean ``Σ totals / Σ counts`` only counts ranks that saw the layer.
+rank): every layer's ``h_total (len H), s_total (len S)`` in layer order, then every layer's
+``h_count, s_count``. A layer that a rank did not use contributes zeros, so no rank waits for a
+collective the others skip and the pooled mean ``Σ totals / Σ counts`` only counts ranks that
+saw the layer. The counts travel as one tensor made on the host (one copy to the device, not
+one small op per layer).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def pack(
 ) -> Tensor:
     """Lay the pending statistics out in one flat buffer (zeros where a layer saw nothing)."""
     dtype = _buffer_dtype(layers)
-    parts: list[Tensor] = []
+    totals: list[Tensor] = []
+    counts: list[float] = []
     for layer in layers:
         n_h, n_s = layer.sizes
         stats = pending.get(layer.name)
@@ -41,11 +44,14 @@ def pack(
             (stats.s_total if stats else None, stats.s_count if stats else 0.0, n_s),
         ):
             if total is None:
-                parts.append(torch.zeros(n + 1, dtype=dtype, device=device))
+                totals.append(torch.zeros(n, dtype=dtype, device=device))
+                counts.append(0.0)
             else:
-                parts.append(total.to(device=device, dtype=dtype))
-                parts.append(torch.full((1,), count, dtype=dtype, device=device))
-    return torch.cat(parts)
+                same = total.dtype == dtype and total.device == device
+                totals.append(total if same else total.to(device=device, dtype=dtype))
+                counts.append(count)
+    totals.append(torch.tensor(counts, dtype=dtype).to(device, non_blocking=True))
+    return torch.cat(totals)
 
 
 def unpack(layers: list[BoundLayer], buffer: Tensor) -> dict[str, PendingStats]:
@@ -54,26 +60,20 @@ def unpack(layers: list[BoundLayer], buffer: Tensor) -> dict[str, PendingStats]:
     Counts are read on the host: they are shape-derived integers, and the fold needs them as
     divisors. This is one small device-to-host copy per statistics step.
     """
-    pending: dict[str, PendingStats] = {}
-    offsets = []
-    offset = 0
-    for layer in layers:
-        n_h, n_s = layer.sizes
-        offsets.append((offset, n_h, offset + n_h + 1, n_s))
-        offset += n_h + n_s + 2
-    if offset != buffer.numel():
+    sizes = [n for layer in layers for n in layer.sizes]
+    expected = sum(sizes) + len(sizes)
+    if expected != buffer.numel():
         raise RuntimeError(
-            f"statistics buffer has {buffer.numel()} entries, the layout expects {offset}: "
+            f"statistics buffer has {buffer.numel()} entries, the layout expects {expected}: "
             "the ranks do not hold the same model"
         )
-    count_index = [i for h0, n_h, s0, n_s in offsets for i in (h0 + n_h, s0 + n_s)]
-    counts = buffer[count_index].tolist()
-    for k, (layer, (h0, n_h, s0, n_s)) in enumerate(zip(layers, offsets)):
+    counts = buffer[expected - len(sizes) :].tolist()
+    parts = buffer[: expected - len(sizes)].split(sizes)
+    pending: dict[str, PendingStats] = {}
+    for k, layer in enumerate(layers):
         h_count, s_count = counts[2 * k], counts[2 * k + 1]
         if h_count > 0 and s_count > 0:
-            pending[layer.name] = PendingStats(
-                buffer[h0 : h0 + n_h], h_count, buffer[s0 : s0 + n_s], s_count
-            )
+            pending[layer.name] = PendingStats(parts[2 * k], h_count, parts[2 * k + 1], s_count)
     return pending
 
 

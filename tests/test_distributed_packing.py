@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,3 +58,28 @@ def test_reducer_divides_s_by_world_size_squared():
     reduced = fake_two_ranks(opt.collector.layers, pending)["a"]
     torch.testing.assert_close(reduced.h_total / reduced.h_count, pending["a"].h_total / pending["a"].h_count)
     torch.testing.assert_close(reduced.s_total / reduced.s_count, pending["a"].s_total / pending["a"].s_count / 4)
+
+
+def test_pack_then_unpack_returns_every_total_and_count_exactly():
+    """One flat buffer (totals, then all counts) round-trips each layer's statistics bitwise,
+    norm layers' included; a buffer laid out for another model is refused with the reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(model)
+    F.cross_entropy(model(torch.randn(5, 3, 8, 8, dtype=torch.float64)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    pending = opt.collector.consume()
+    layers = opt.collector.layers
+    buffer = pack(layers, pending, torch.device("cpu"))
+    back = unpack(layers, buffer)
+    assert set(back) == set(pending) == {layer.name for layer in layers}
+    for name, stats in pending.items():
+        assert (back[name].h_count, back[name].s_count) == (stats.h_count, stats.s_count)
+        assert torch.equal(back[name].h_total, stats.h_total)
+        assert torch.equal(back[name].s_total, stats.s_total)
+    expected = sum(n for layer in layers for n in layer.sizes) + 2 * len(layers)
+    assert buffer.numel() == expected
+    with pytest.raises(RuntimeError, match=rf"statistics buffer has {expected - 1} entries, the layout "
+                       rf"expects {expected}: the ranks do not hold the same model"):
+        unpack(layers, buffer[1:])
