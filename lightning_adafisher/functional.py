@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
@@ -71,17 +72,43 @@ def _as_stats(t: Tensor) -> Tensor:
     return t if t.dtype in _STATS_DTYPES else t.to(stats_dtype(t.dtype))
 
 
-# --------------------------------------------------------------------------------------------
-# Linear
-# --------------------------------------------------------------------------------------------
+_recent_square_sums: list[tuple[Any, int, bool, Tensor]] = []
+"""``(weakref to x, x's version, over rows, Σ x²)`` of the last few :func:`_square_sum` calls
+with ``reuse``, newest last."""
+
+_RECENT_SQUARE_SUMS = 4
+"""How many are kept: a ResNet block's shortcut reads its input after two other convs and the
+q/k/v projections of a transformer block are called back to back."""
 
 
-def linear_input_stats(x: Tensor, bias: bool) -> tuple[Tensor, float]:
-    """Sum over rows of ``x̄²`` (``x`` flattened to ``[N, d_in]``, ones column if ``bias``)."""
-    rows = _as_stats(x).reshape(-1, x.shape[-1])
-    n = rows.shape[0]
+def _square_sum(x: Tensor, rows: bool, reuse: bool) -> Tensor:
+    """``Σ x²`` over dim 0 of ``x`` (``rows``: over every dim but the last, as ``[N, d]``).
+
+    With ``reuse`` (the hooks' path) the result is remembered, and returned again when a later
+    call gets the same tensor object, unmodified since (its version counter unchanged): layers
+    that read one input — a ResNet block's first conv and its downsampling shortcut, separate
+    q/k/v projections — then pay for one pass over it instead of one each. The value returned
+    may be shared by several callers, which must not modify it in place.
+    """
+    if reuse:
+        for ref, version, over_rows, total in _recent_square_sums:
+            if ref() is x and version == x._version and over_rows == rows:
+                return total
+    t = _as_stats(x)
+    total = (t.reshape(-1, t.shape[-1]) if rows else t).square().sum(0)
+    if reuse:
+        if len(_recent_square_sums) >= _RECENT_SQUARE_SUMS:
+            del _recent_square_sums[0]
+        _recent_square_sums.append((weakref.ref(x), x._version, rows, total))
+    return total
+
+
+def linear_input_stats(x: Tensor, bias: bool, reuse: bool = False) -> tuple[Tensor, float]:
+    """Sum over rows of ``x̄²`` (``x`` flattened to ``[N, d_in]``, ones column if ``bias``);
+    ``reuse``: see :func:`_square_sum`."""
+    n = math.prod(x.shape[:-1])
     # x.square().sum(0) is far faster on CPU than einsum or vector_norm (SPEC §7).
-    total = rows.square().sum(0)
+    total = _square_sum(x, rows=True, reuse=reuse)
     if bias:
         total = F.pad(total, (0, 1), value=float(n))
     return total, float(n)
@@ -176,6 +203,7 @@ def conv2d_input_stats(
     bias: bool,
     reference_normaliser: bool = False,
     deferred: bool = False,
+    reuse: bool = False,
 ) -> tuple[Tensor | Callable[[], Tensor], float]:
     """Diagonal of the im2col second moment, without building im2col (SPEC §3, §7).
 
@@ -192,7 +220,8 @@ def conv2d_input_stats(
     ``B·L·groups``, or with ``reference_normaliser`` the released code's ``B·L·(C_in/groups)·kh·kw``.
     With ``deferred`` the pass over ``x`` is made now and the total is returned as a function
     that finishes it (the window sums: a few small ops, run later at the optimizer step), as long
-    as the batch-summed ``x²`` it keeps has at most ``DEFER_MAX`` entries.
+    as the batch-summed ``x²`` it keeps has at most ``DEFER_MAX`` entries. ``reuse``: see
+    :func:`_square_sum`.
     """
     if x.dim() == 3:
         x = x.unsqueeze(0)
@@ -200,7 +229,7 @@ def conv2d_input_stats(
     c_group = c_in // groups
     kh, kw = kernel_size
     (sh, sw), (dh, dw) = stride, dilation
-    xs = _as_stats(x).square().sum(0)
+    xs = _square_sum(x, rows=False, reuse=reuse)
     if groups > 1:
         xs = xs.view(groups, c_group, *xs.shape[1:]).sum(0)
     left, right, top, bottom = padding

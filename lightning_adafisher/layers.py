@@ -135,6 +135,12 @@ class LinearHelper(LayerHelper):
     def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.linear_input_stats(x, bias=module.bias is not None)
 
+    def input_stats_in_hook(
+        self, module: nn.Module, x: Tensor, variant: str
+    ) -> tuple[Tensor | Callable[[], Tensor], float]:
+        # Layers reading the same input share one pass over it (fn._square_sum).
+        return fn.linear_input_stats(x, bias=module.bias is not None, reuse=True)
+
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.linear_output_stats(g)
 
@@ -173,6 +179,7 @@ class Conv2dHelper(LayerHelper):
             bias=module.bias is not None,
             reference_normaliser=variant == "reference",
             deferred=deferred,
+            reuse=deferred,
         )
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:

@@ -341,3 +341,66 @@ def test_norm_statistics_of_a_step_are_finished_together_with_the_per_layer_numb
         assert consumed[name].h_count == consumed[name].s_count == len(inputs) == (2 if name == "bn1" else 1)
         torch.testing.assert_close(consumed[name].h_total, expected_h, rtol=1e-12, atol=0)
         torch.testing.assert_close(consumed[name].s_total, expected_s, rtol=1e-12, atol=0)
+
+
+def test_layers_reading_one_input_share_its_pass(monkeypatch):
+    """A ResNet-style block (3×3 stride-2 conv, another conv, then a 1×1 stride-2 shortcut on the
+    block's input) and q/k projections on the same tokens: ``h`` of every layer equals the
+    float64 brute force, with one pass over each shared input (counted)."""
+    from lightning_adafisher import functional as fn
+    from tests import reference as ref
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+            self.mid = nn.Conv2d(4, 4, 3, padding=1)
+            self.short = nn.Conv2d(3, 4, 1, stride=2)
+            self.q, self.k = nn.Linear(4, 5), nn.Linear(4, 5, bias=False)
+            self.out = nn.Linear(5, 3)
+
+        def body(self, x):  # the shortcut reads x after another conv, as in a ResNet block
+            return torch.tanh(self.mid(torch.tanh(self.conv(x))) + self.short(x))
+
+        def forward(self, x):
+            t = self.body(x).flatten(2).transpose(1, 2)  # tokens [B, L, 4]
+            return self.out(torch.tanh(self.q(t)) * self.k(t)).mean(1)
+
+    torch.manual_seed(0)
+    model = Block().double()
+    x = torch.randn(4, 3, 6, 6, dtype=DT)
+    y = torch.randint(0, 3, (4,))
+    passes = []
+    real = fn._as_stats
+    monkeypatch.setattr(fn, "_as_stats", lambda t: passes.append(tuple(t.shape)) or real(t))
+    opt = AdaFisher(model)
+    with torch.no_grad():
+        tokens = model.body(x).flatten(2).transpose(1, 2)
+    F.cross_entropy(model(x), y).backward()
+    pending = opt.collector.consume()
+    for name, layer, expected in (
+        ("conv", model.conv, ref.conv_h(model.conv, x, "paper")),
+        ("short", model.short, ref.conv_h(model.short, x, "paper")),
+        ("q", model.q, ref.linear_h(tokens, bias=True)),
+        ("k", model.k, ref.linear_h(tokens, bias=False)),
+    ):
+        got = pending[name].h_total / pending[name].h_count
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    assert passes.count((4, 3, 6, 6)) == 1 and passes.count((4, 9, 4)) == 1
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_a_shared_pass_is_not_reused_after_an_in_place_change(rows):
+    """The hooks' reuse of ``Σ x²`` is keyed on the tensor object and its version counter: an
+    in-place change (or another tensor) gets a fresh pass, the same tensor gets the same result."""
+    from lightning_adafisher import functional as fn
+
+    x = torch.randn(4, 3, 5, 5, dtype=DT)
+    first = fn._square_sum(x, rows=rows, reuse=True)
+    assert fn._square_sum(x, rows=rows, reuse=True) is first
+    x.mul_(0.5)
+    again = fn._square_sum(x, rows=rows, reuse=True)
+    torch.testing.assert_close(again, first * 0.25, rtol=1e-14, atol=0)
+    other = x.clone()
+    assert fn._square_sum(other, rows=rows, reuse=True) is not again
+    assert fn._square_sum(other, rows=not rows, reuse=True).shape != again.shape
