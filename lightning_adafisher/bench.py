@@ -44,6 +44,13 @@ def _resnet18(num_classes: int = 10) -> nn.Module:
     return torchvision.models.resnet18(num_classes=num_classes)
 
 
+def _cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """The CIFAR ResNet-18 the recipes train (3×3 stem, no max-pool: 32×32 maps in stage 1)."""
+    from lightning_adafisher.tasks.models import build_image_model
+
+    return build_image_model("cifar_resnet18", num_classes)
+
+
 def _resnet50(num_classes: int = 10) -> nn.Module:
     import torchvision
 
@@ -70,9 +77,11 @@ def _gpt_tiny(context: int) -> nn.Module:
     return GPT(GPT_VOCAB, context_length=context, n_layer=2, n_embd=32, n_head=2, d_ff=64, dropout=0.0)
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"resnet18": _resnet18, "resnet50": _resnet50, "tiny": _tiny_cnn}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": _resnet18, "cifar_resnet18": _cifar_resnet18, "resnet50": _resnet50, "tiny": _tiny_cnn,
+}
 LANGUAGE_MODELS: dict[str, Callable[[int], nn.Module]] = {"gpt": _gpt, "gpt_tiny": _gpt_tiny}
-DEFAULT_BATCH = {"resnet18": 32, "resnet50": 256, "tiny": 32, "gpt": 8, "gpt_tiny": 8}
+DEFAULT_BATCH = {"resnet18": 32, "cifar_resnet18": 32, "resnet50": 256, "tiny": 32, "gpt": 8, "gpt_tiny": 8}
 
 
 def _optimizers(language: bool, fused: bool = False) -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:

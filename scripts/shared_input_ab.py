@@ -4,8 +4,9 @@ layers share inputs (docs/performance.md, "Fifth round").
     .venv/bin/python scripts/shared_input_ab.py OLD_DIR [--steps 25] [--threads 2]
 
 ``OLD_DIR`` holds a copy of an older package imported as ``laf_orig`` (see scripts/bench_ab.py).
-Models: four pre-norm transformer blocks with separate q/k/v and gate/up projections (d=512,
-batch 8×256 tokens), and torchvision's ResNet-18 (10 classes, batch 32 at 32×32). Two models of
+Models (``--models``): four pre-norm transformer blocks with separate q/k/v and gate/up
+projections (``blocks``: d=512, batch 8×256 tokens), torchvision's ResNet-18 (``resnet18``) and
+the recipes' CIFAR ResNet-18 (``cifar_resnet18``), 10 classes, batch 32 at 32×32. Two models of
 each version train interleaved; printed: median and mean of ``collector.seconds`` per step.
 """
 
@@ -69,8 +70,9 @@ def main() -> None:
     parser.add_argument("old_dir")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="blocks,resnet18,cifar_resnet18")
     args = parser.parse_args()
-    import torchvision
+    from lightning_adafisher.bench import MODELS
 
     sys.path.insert(0, args.old_dir)
     old = importlib.import_module("laf_orig")
@@ -78,12 +80,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
-    print(f"transformer, 4 blocks, separate q/k/v, d={D}, batch {BATCH}x{TOKENS}")
-    blocks = nn.Sequential(*(Block() for _ in range(4)), nn.Linear(D, 10))
-    hook_times(blocks, torch.randn(BATCH, TOKENS, D), torch.randint(0, 10, (BATCH, TOKENS)), packages, args.steps)
-    print("ResNet-18, batch 32, 32x32")
-    resnet = torchvision.models.resnet18(num_classes=10)
-    hook_times(resnet, torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)), packages, args.steps)
+    images = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    for name in args.models.split(","):
+        if name == "blocks":
+            print(f"transformer, 4 blocks, separate q/k/v, d={D}, batch {BATCH}x{TOKENS}")
+            blocks = nn.Sequential(*(Block() for _ in range(4)), nn.Linear(D, 10))
+            tokens = torch.randn(BATCH, TOKENS, D), torch.randint(0, 10, (BATCH, TOKENS))
+            hook_times(blocks, *tokens, packages, args.steps)
+        else:
+            print(f"{name}, batch 32, 32x32")
+            hook_times(MODELS[name](), *images, packages, args.steps)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Optimizer-side costs of AdaFisher on ResNet-18, each timed alone, beside fused Adam's step.
 
-    .venv/bin/python scripts/step_components.py [--threads 2] [--rounds 30] [--old DIR]
+    .venv/bin/python scripts/step_components.py [--threads 2] [--rounds 30] [--old DIR] [--model resnet18]
 
 Prints, as medians over interleaved rounds (docs/performance.md, "Second round"):
 
@@ -35,14 +35,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--old", default=None, help="directory holding an older copy as laf_orig")
+    parser.add_argument("--model", default="resnet18", help="an image model of `bench speed`")
     args = parser.parse_args()
-    import torchvision
 
     import lightning_adafisher as laf
+    from lightning_adafisher.bench import MODELS
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = torchvision.models.resnet18(num_classes=10)
+    base = MODELS[args.model]()
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     warnings.simplefilter("ignore")
 
