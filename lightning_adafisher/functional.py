@@ -19,6 +19,7 @@ Shape conventions
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -72,6 +73,36 @@ def _as_stats(t: Tensor) -> Tensor:
     return t if t.dtype in _STATS_DTYPES else t.to(stats_dtype(t.dtype))
 
 
+NO_TEMPORARY_MIN = 1 << 20
+"""From this many elements on (4 MiB in float32), on CPU, a conv's ``Σ_b x²`` and ``Σ G²`` are
+taken without a temporary as large as the tensor. glibc serves such a block with ``mmap`` and
+returns it to the kernel when it is freed, so every ``square()`` of a large activation pays for
+fresh, page-faulted memory; below this size the one-kernel ``square().sum()`` is as fast
+(docs/performance.md, "Fifth round")."""
+
+_DOT_MIN_SPATIAL = 256
+"""Least ``H·W`` for which a conv's ``Σ G²`` is taken as batched dot products (smaller maps:
+many tiny dots, measured no faster)."""
+
+
+def _autocast_off() -> contextlib.AbstractContextManager[Any]:
+    """Where the statistics' matmuls run: autocast off, so that a hook called inside an autocast
+    region (a forward, or a ``backward()`` called in it) or a ``step()`` called in one keeps the
+    statistics in float32/64 instead of autocast's bf16/fp16 (which also overflow: fp16 sums of
+    squares pass 65504 easily). Nothing to enter, the usual case, costs two flag reads."""
+    devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    if not devices:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for device in devices:
+        stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
+
+
+def _without_temporary(t: Tensor) -> bool:
+    return t.numel() >= NO_TEMPORARY_MIN and t.device.type == "cpu" and t.is_contiguous()
+
+
 _recent_square_sums: list[tuple[Any, int, bool, Tensor]] = []
 """``(weakref to x, x's version, over rows, Σ x²)`` of the last few :func:`_square_sum` calls
 with ``reuse``, newest last."""
@@ -95,7 +126,13 @@ def _square_sum(x: Tensor, rows: bool, reuse: bool) -> Tensor:
             if ref() is x and version == x._version and over_rows == rows:
                 return total
     t = _as_stats(x)
-    total = (t.reshape(-1, t.shape[-1]) if rows else t).square().sum(0)
+    if not rows and _without_temporary(t):
+        # Σ_b x[b]² one sample at a time: the accumulator stays in cache, no x-sized temporary.
+        total = torch.mul(t[0], t[0])
+        for b in range(1, t.shape[0]):
+            total.addcmul_(t[b], t[b])
+    else:
+        total = (t.reshape(-1, t.shape[-1]) if rows else t).square().sum(0)
     if reuse:
         if len(_recent_square_sums) >= _RECENT_SQUARE_SUMS:
             del _recent_square_sums[0]
@@ -245,14 +282,15 @@ def conv2d_input_stats(
     count = float(b * lh * lw * c_group * kh * kw) if reference_normaliser else float(rows)
 
     def window_sums() -> Tensor:
-        if h * w * kh * kw <= _WINDOW_KERNEL_MAX:
-            # One matmul with the Kronecker product of the selectors (cached): fewer kernels.
-            kernel = _window_kernel(rows_key, cols_key, xs.dtype, xs.device)
-            total = torch.mm(xs.reshape(xs.shape[0], h * w), kernel).reshape(-1)
-        else:
-            rows_sel = _window_selector(*rows_key, xs.dtype, xs.device)
-            cols_sel = _window_selector(*cols_key, xs.dtype, xs.device)
-            total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
+        with _autocast_off():
+            if h * w * kh * kw <= _WINDOW_KERNEL_MAX:
+                # One matmul with the Kronecker product of the selectors (cached): fewer kernels.
+                kernel = _window_kernel(rows_key, cols_key, xs.dtype, xs.device)
+                total = torch.mm(xs.reshape(xs.shape[0], h * w), kernel).reshape(-1)
+            else:
+                rows_sel = _window_selector(*rows_key, xs.dtype, xs.device)
+                cols_sel = _window_selector(*cols_key, xs.dtype, xs.device)
+                total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
         return F.pad(total, (0, 1), value=float(rows)) if bias else total
 
     if deferred and xs.numel() <= DEFER_MAX:
@@ -269,7 +307,14 @@ def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:
     if g.dim() == 3:
         g = g.unsqueeze(0)
     g = _as_stats(g)
-    return _channel_sum(g.square()), float(g.shape[0] * g.shape[2] * g.shape[3])
+    b, c, h, w = g.shape
+    if h * w >= _DOT_MIN_SPATIAL and _without_temporary(g):
+        # one dot product per (sample, channel) of G with itself: a read of G, no temporary
+        rows = g.view(b * c, 1, h * w)
+        with _autocast_off():
+            dots = torch.bmm(rows, rows.transpose(1, 2))
+        return dots.view(b, c).sum(0), float(b * h * w)
+    return _channel_sum(g.square()), float(b * h * w)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,11 +38,17 @@ def _stats(module: nn.Module, x: torch.Tensor, g: torch.Tensor, variant: str = "
 )
 @pytest.mark.parametrize("variant", ["paper", "reference"])
 @pytest.mark.parametrize("one_matmul", [True, False], ids=["kron-kernel", "two-selectors"])
-def test_conv2d_statistics_match_explicit_im2col(kwargs, variant, one_matmul, monkeypatch):
+@pytest.mark.parametrize("no_temporary", [False, True], ids=["square-sum", "no-temporary"])
+def test_conv2d_statistics_match_explicit_im2col(kwargs, variant, one_matmul, no_temporary, monkeypatch):
     """Both window-sum forms (one matmul with the cached Kronecker kernel for small inputs, two
-    thin matmuls beyond _WINDOW_KERNEL_MAX) against unfold."""
+    thin matmuls beyond _WINDOW_KERNEL_MAX), and both ways of summing squares (one
+    ``square().sum()``; per-sample ``addcmul_`` and batched dots, used from NO_TEMPORARY_MIN
+    elements on), against unfold."""
     if not one_matmul:
         monkeypatch.setattr(fn, "_WINDOW_KERNEL_MAX", 0)
+    if no_temporary:
+        monkeypatch.setattr(fn, "NO_TEMPORARY_MIN", 1)
+        monkeypatch.setattr(fn, "_DOT_MIN_SPATIAL", 1)
     torch.manual_seed(0)
     conv = nn.Conv2d(**kwargs).to(DT)
     x = torch.randn(2, conv.in_channels, 7, 6, dtype=DT)
@@ -53,6 +59,57 @@ def test_conv2d_statistics_match_explicit_im2col(kwargs, variant, one_matmul, mo
     torch.testing.assert_close(s, ref.conv_s(g), rtol=1e-13, atol=0)
     # layout: h covers the flattened weight columns (c, kh, kw) plus the bias entry
     assert h.numel() == conv.weight[0].numel() + (conv.bias is not None)
+
+
+def test_large_conv_statistics_take_the_no_temporary_sums_with_the_same_numbers(monkeypatch):
+    """At NO_TEMPORARY_MIN elements a conv's ``Σ_b x²`` and ``Σ G²`` are taken without an
+    x-sized temporary; in float64 they equal ``square().sum()`` to 1e-13, and the
+    ``square`` of the one-kernel form is not called."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 300, 300, dtype=DT)  # 1.08 M elements
+    assert x.numel() >= fn.NO_TEMPORARY_MIN
+    expected_xs, expected_s = x.square().sum(0), x.square().sum((0, 2, 3))
+    squares = []
+    real = torch.Tensor.square
+    monkeypatch.setattr(torch.Tensor, "square", lambda t: squares.append(t.shape) or real(t))
+    torch.testing.assert_close(fn._square_sum(x, rows=False, reuse=False), expected_xs, rtol=1e-13, atol=0)
+    s, count = fn.conv2d_output_stats(x)
+    torch.testing.assert_close(s, expected_s, rtol=1e-13, atol=0)
+    assert count == 3 * 300 * 300 and squares == []
+
+
+@pytest.mark.parametrize("backward_in_autocast", [False, True])
+def test_statistics_stay_float32_inside_autocast(backward_in_autocast, monkeypatch):
+    """A conv under CPU autocast (bf16) whose statistics take every matmul path — window sums in
+    the forward hook (DEFER_MAX 0: an input too large to defer), batched dots for ``G``
+    (NO_TEMPORARY_MIN 1) — and a ``backward()`` called inside the autocast region or outside:
+    the totals are float32 and equal those of the same tensors outside autocast (autocast would
+    cast the matmuls to bf16)."""
+    from lightning_adafisher import AdaFisher
+
+    monkeypatch.setattr(fn, "DEFER_MAX", 0)
+    monkeypatch.setattr(fn, "NO_TEMPORARY_MIN", 1)
+    monkeypatch.setattr(fn, "_DOT_MIN_SPATIAL", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 1])
+    opt = AdaFisher(model)
+    seen = {}
+    model[0].register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach()))
+    model[0].register_forward_hook(lambda m, a, o: o.register_hook(lambda g: seen.update(g=g.detach())) and None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+        if backward_in_autocast:
+            loss.backward()
+    if not backward_in_autocast:
+        loss.backward()
+    pending = opt.collector.consume()["0"]
+    helper = layer_helper_for(model[0])
+    h, _ = helper.input_stats(model[0], seen["x"], "paper")
+    s, _ = helper.output_stats(model[0], seen["g"], "paper")
+    assert pending.h_total.dtype == pending.s_total.dtype == torch.float32
+    torch.testing.assert_close(pending.h_total, h, rtol=1e-6, atol=0)
+    torch.testing.assert_close(pending.s_total, s, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (3, 4, 7), (2, 3, 2, 7)])
