@@ -143,7 +143,8 @@ def speed(
 ) -> dict:
     """Run the benchmark at one batch size and return its results (see module docstring).
 
-    ``model_name``: ``resnet18``/``resnet50``/``tiny`` (images ``image_size``², 10 classes, fused Adam
+    ``model_name``: ``resnet18`` (torchvision's, ImageNet stem), ``cifar_resnet18`` (the recipes'),
+    ``resnet50``/``tiny`` (images ``image_size``², 10 classes, fused Adam
     baseline) or ``gpt``/``gpt_tiny`` (``context`` tokens of a 512-token vocabulary, next-token
     loss, fused AdamW baseline).
     """

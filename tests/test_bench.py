@@ -136,3 +136,22 @@ def test_peers_of_the_test_environment_are_installed():
     from lightning_adafisher import bench_peers
 
     assert set(bench_peers.peers()) == {"po_shampoo_k10", "po_adahessian", "asdl_kfac_k10", "asdl_shampoo_k10"}
+
+
+def test_cifar_resnet18_is_the_recipes_model_with_a_32x32_first_stage():
+    """`bench speed --model cifar_resnet18` times the network the CIFAR recipes train (3×3 stem,
+    no max-pool), not torchvision's ImageNet ResNet-18 (`resnet18`, first stage at 8×8)."""
+    import torch
+    from torch import nn
+
+    from lightning_adafisher.tasks.models import build_image_model
+
+    model, recipe = bench.MODELS["cifar_resnet18"](), build_image_model("cifar_resnet18", 10)
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in recipe.named_parameters()]
+    stage_one = {}
+    for name, m in (("cifar", model), ("imagenet", bench.MODELS["resnet18"]())):
+        m.layer1.register_forward_hook(lambda mod, a, out, name=name: stage_one.update({name: out.shape[-2:]}))
+        with torch.no_grad():
+            m.eval()(torch.zeros(1, 3, 32, 32))
+    assert stage_one == {"cifar": (32, 32), "imagenet": (8, 8)}
+    assert isinstance(model.maxpool, nn.Identity)
