@@ -404,3 +404,35 @@ def test_a_shared_pass_is_not_reused_after_an_in_place_change(rows):
     other = x.clone()
     assert fn._square_sum(other, rows=rows, reuse=True) is not again
     assert fn._square_sum(other, rows=not rows, reuse=True).shape != again.shape
+
+
+@pytest.mark.slow
+def test_a_compiled_model_gathers_the_statistics_of_the_eager_one():
+    """``torch.compile(model)`` with the hooks installed (dynamo runs them, graph-breaking where
+    it must): the same layers get the same statistics as the eager model on the same batch,
+    including two convs that read one input (the shared pass)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.d = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+            self.out = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.c(x) + self.d(x)).flatten(1))
+
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    opt = AdaFisher(model)
+    F.cross_entropy(model(x), y).backward()
+    eager = {k: (v.h_total.clone(), v.s_total.clone(), v.h_count, v.s_count) for k, v in opt.collector.consume().items()}
+    model.zero_grad()
+    F.cross_entropy(torch.compile(model)(x), y).backward()
+    compiled = opt.collector.consume()
+    assert sorted(compiled) == sorted(eager) == ["c", "d", "out"]
+    for name, (h, s, h_count, s_count) in eager.items():
+        got = compiled[name]
+        assert (got.h_count, got.s_count) == (h_count, s_count)
+        torch.testing.assert_close(got.h_total, h, rtol=1e-5, atol=0)
+        torch.testing.assert_close(got.s_total, s, rtol=1e-5, atol=0)
