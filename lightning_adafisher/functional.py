@@ -73,6 +73,11 @@ def _as_stats(t: Tensor) -> Tensor:
     return t if t.dtype in _STATS_DTYPES else t.to(stats_dtype(t.dtype))
 
 
+# --------------------------------------------------------------------------------------------
+# Sums of squares
+# --------------------------------------------------------------------------------------------
+
+
 NO_TEMPORARY_MIN = 1 << 20
 """From this many elements on (4 MiB in float32), on CPU, a conv's ``Σ_b x²`` and ``Σ G²`` are
 taken without a temporary as large as the tensor. glibc serves such a block with ``mmap`` and
@@ -138,6 +143,11 @@ def _square_sum(x: Tensor, rows: bool, reuse: bool) -> Tensor:
             del _recent_square_sums[0]
         _recent_square_sums.append((weakref.ref(x), x._version, rows, total))
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# Linear
+# --------------------------------------------------------------------------------------------
 
 
 def linear_input_stats(x: Tensor, bias: bool, reuse: bool = False) -> tuple[Tensor, float]:
