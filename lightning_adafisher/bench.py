@@ -327,7 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lightning-adafisher bench", description=__doc__)
     sub = parser.add_subparsers(dest="mode", required=True)
     sp = sub.add_parser("speed", help="train-step time and optimizer memory vs torch baselines")
-    sp.add_argument("--model", choices=sorted(MODELS) + sorted(LANGUAGE_MODELS), default="resnet18")
+    sp.add_argument("--model", choices=sorted(MODELS) + sorted(LANGUAGE_MODELS), default="resnet18",
+                    help="resnet18: torchvision's (ImageNet stem: 8x8 maps after it on 32x32 images); "
+                         "cifar_resnet18: the recipes' (3x3 stem, 32x32 first stage)")
     sp.add_argument("--batch-size", type=int, default=None,
                     help="default: 32 (images), 8 (GPT)")
     sp.add_argument("--batch-sizes", type=_int_list, default=None,
