@@ -318,13 +318,14 @@ def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:
         g = g.unsqueeze(0)
     g = _as_stats(g)
     b, c, h, w = g.shape
+    count = float(b * h * w)
     if h * w >= _DOT_MIN_SPATIAL and _without_temporary(g):
         # one dot product per (sample, channel) of G with itself: a read of G, no temporary
         rows = g.view(b * c, 1, h * w)
         with _autocast_off():
             dots = torch.bmm(rows, rows.transpose(1, 2))
-        return dots.view(b, c).sum(0), float(b * h * w)
-    return _channel_sum(g.square()), float(b * h * w)
+        return dots.view(b, c).sum(0), count
+    return _channel_sum(g.square()), count
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class Conv2dHelper(LayerHelper):
             bias=module.bias is not None,
             reference_normaliser=variant == "reference",
             deferred=deferred,
-            reuse=deferred,
+            reuse=deferred,  # both mean "called from the forward hook"
         )
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
