@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from lightning_adafisher import eigen as eg
 from lightning_adafisher import functional as fn
 
 __all__ = [
@@ -125,6 +126,42 @@ class LayerHelper:
         rows, cols = self.kron_factors(module, role, param, h_norm, s_norm)
         return fn.KronFactors(rows, cols, damping).materialise(param.shape)
 
+    # --- the eigenbasis variant (variant="eigen") ----------------------------------------------
+
+    eigen: bool = False
+    """Whether ``variant="eigen"`` can precondition this module type: the helper then views
+    its parameters as one matrix ``[n_s, n_h]`` (:meth:`grad_matrix`) with full factors from
+    :meth:`input_cov` / :meth:`output_cov`, ``(n_h, n_s)`` being :meth:`factor_sizes`. Types
+    without it are trained by Adam in that variant."""
+
+    def input_cov(self, module: nn.Module, x: Tensor) -> tuple[Tensor, float]:
+        """``Σ ā āᵀ`` of one call, flattened, as ``(total, count)`` (only with :attr:`eigen`)."""
+        raise NotImplementedError
+
+    def output_cov(self, module: nn.Module, g: Tensor) -> tuple[Tensor, float]:
+        """``Σ g gᵀ`` of one call, flattened, as ``(total, count)`` (only with :attr:`eigen`)."""
+        raise NotImplementedError
+
+    def grad_matrix(self, module: nn.Module, tensors: dict[str, Tensor]) -> Tensor:
+        """The ``[n_s, n_h']`` matrix of per-parameter tensors (a weight ``[out, in...]`` then a
+        bias column if ``"bias"`` is given; ``n_h'`` counts the bias only then)."""
+        weight = tensors["weight"]
+        matrix = weight.reshape(weight.shape[0], -1)
+        if "bias" in tensors:
+            matrix = torch.cat([matrix, tensors["bias"].reshape(-1, 1).to(matrix.dtype)], 1)
+        return matrix
+
+    def split_matrix(
+        self, module: nn.Module, matrix: Tensor, params: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Inverse of :meth:`grad_matrix`: one tensor per role of ``params``, shaped like it."""
+        weight = params["weight"]
+        cols = weight[0].numel()
+        out = {"weight": matrix[:, :cols].reshape(weight.shape)}
+        if "bias" in params:
+            out["bias"] = matrix[:, cols]
+        return out
+
 
 class LinearHelper(LayerHelper):
     """``nn.Linear`` and subclasses; any number of leading dims (tokens count as rows)."""
@@ -143,6 +180,14 @@ class LinearHelper(LayerHelper):
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.linear_output_stats(g)
+
+    eigen = True
+
+    def input_cov(self, module: nn.Module, x: Tensor) -> tuple[Tensor, float]:
+        return eg.linear_input_cov(x, bias=module.bias is not None)
+
+    def output_cov(self, module: nn.Module, g: Tensor) -> tuple[Tensor, float]:
+        return eg.linear_output_cov(g)
 
 
 class Conv2dHelper(LayerHelper):
@@ -184,6 +229,18 @@ class Conv2dHelper(LayerHelper):
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.conv2d_output_stats(g)
+
+    eigen = True
+
+    def input_cov(self, module: nn.Module, x: Tensor) -> tuple[Tensor, float]:
+        return eg.conv2d_input_cov(
+            x, module.kernel_size, module.stride, module.dilation,
+            fn.conv2d_padding(module.padding, module.kernel_size, module.dilation),
+            module.padding_mode, module.groups, bias=module.bias is not None,
+        )
+
+    def output_cov(self, module: nn.Module, g: Tensor) -> tuple[Tensor, float]:
+        return eg.conv2d_output_cov(g)
 
 
 class BatchNormHelper(LayerHelper):
@@ -280,6 +337,16 @@ class TransposedLinearHelper(LinearHelper):
         self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor
     ) -> tuple[Tensor, Tensor]:
         return (h_norm[-1:] if role == "bias" else h_norm[: param.shape[0]]), s_norm
+
+    def grad_matrix(self, module: nn.Module, tensors: dict[str, Tensor]) -> Tensor:
+        return super().grad_matrix(module, dict(tensors, weight=tensors["weight"].T))
+
+    def split_matrix(
+        self, module: nn.Module, matrix: Tensor, params: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        out = super().split_matrix(module, matrix, dict(params, weight=params["weight"].T))
+        out["weight"] = out["weight"].T
+        return out
 
 
 _REGISTRY: list[tuple[type[nn.Module], LayerHelper]] = [

@@ -138,6 +138,9 @@ class BoundLayer:
     helper: LayerHelper
     params: dict[str, nn.Parameter]
     """Role (``"weight"``/``"bias"``) → trainable parameter in the optimizer."""
+    eigen_sides: tuple[bool, bool] | None = None
+    """``variant="eigen"`` only: whether the input (``h``) and output (``s``) sides keep a full
+    factor (a side above the size limit keeps the identity and gathers nothing)."""
 
     @property
     def primary(self) -> nn.Parameter:
@@ -146,7 +149,12 @@ class BoundLayer:
 
     @property
     def sizes(self) -> tuple[int, int]:
-        return self.helper.factor_sizes(self.module)
+        """Entries of the raw ``h`` and ``s`` totals (``n²`` for a full factor, 0 for a side
+        that keeps the identity)."""
+        n_h, n_s = self.helper.factor_sizes(self.module)
+        if self.eigen_sides is None:
+            return n_h, n_s
+        return (n_h * n_h if self.eigen_sides[0] else 0), (n_s * n_s if self.eigen_sides[1] else 0)
 
 
 Part = Tensor | Callable[[], Tensor] | NormPart
@@ -274,10 +282,17 @@ class StatisticsCollector:
             type(helper).output_stats_from_bias_grad is BatchNormHelper.output_stats_from_bias_grad
         )
 
+        sides = layer.eigen_sides
+
         def on_grad(g: Tensor) -> None:
             start = time.perf_counter() if self.timed else 0.0
             with torch.no_grad():  # cheaper than a dispatched .detach() (create_graph backward)
-                total, count = helper.output_stats(layer.module, g, variant)
+                if sides is None:
+                    total, count = helper.output_stats(layer.module, g, variant)
+                elif sides[1]:
+                    total, count = helper.output_cov(layer.module, g)
+                else:
+                    total, count = g.new_zeros(0, dtype=fn.stats_dtype(g.dtype)), 1.0
             self.pending.setdefault(name, PendingStats()).add_s(total, count)
             if self.timed:
                 self.seconds += time.perf_counter() - start
@@ -309,6 +324,18 @@ class StatisticsCollector:
                 self._counted_forwards[name] = self._counted_forwards.get(name, 0) + 1
             start = time.perf_counter() if self.timed else 0.0
             x = args[0] if args else next(iter(kwargs.values()))
+            if sides is not None:
+                # Full factors (variant="eigen"): no norm-kernel shortcuts apply.
+                with torch.no_grad():
+                    if sides[0]:
+                        total, count = helper.input_cov(module, x)
+                    else:
+                        total, count = x.new_zeros(0, dtype=fn.stats_dtype(output.dtype)), 1.0
+                self.pending.setdefault(name, PendingStats()).add_h(total, count)
+                output.register_hook(on_grad)
+                if self.timed:
+                    self.seconds += time.perf_counter() - start
+                return
             node = _norm_kernel_node(output) if helper.s_from_bias_grad or helper.h_from_saved_mean else None
             pending = self.pending.setdefault(name, PendingStats())
             shape = tuple(x.shape)
