@@ -172,10 +172,12 @@ def change_basis(
 ) -> Tensor:
     """Re-express a moment kept in the basis ``(old_s, old_h)`` in ``(new_s, new_h)``:
     ``m ← (new_sᵀ old_s) m (old_hᵀ new_h)`` (``None``: the identity on that side)."""
-    if new_s is not None and old_s is not None:
-        m = (new_s.T @ old_s) @ m
-    if new_h is not None and old_h is not None:
-        m = m @ (old_h.T @ new_h)
+    if new_s is not None or old_s is not None:
+        left = old_s if new_s is None else new_s.T if old_s is None else new_s.T @ old_s
+        m = left @ m
+    if new_h is not None or old_h is not None:
+        right = old_h.T if new_h is None else new_h if old_h is None else old_h.T @ new_h
+        m = m @ right
     return m
 
 
