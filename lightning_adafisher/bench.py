@@ -10,8 +10,8 @@ peers from PyPI (Shampoo, AdaHessian, K-FAC; :mod:`lightning_adafisher.bench_pee
 too when their packages are installed. ``--batch-sizes`` sweeps the batch size (statistics cost
 is linear in it). Results are printed as a table and written as JSON.
 
-``lightning-adafisher bench quality`` compares optimizers on offline data at equal epochs and at
-equal wall-clock time; see :mod:`lightning_adafisher.bench_quality`.
+``lightning-adafisher bench quality`` compares optimizers on offline data AlgoPerf-style (equal
+tuning budgets, one schedule, seeds, steps to a target); see :mod:`lightning_adafisher.bench_quality`.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def _baselines_and_adafisher(language: bool) -> dict[str, Callable[[nn.Module], 
             "adafisherw_paper_k1": lambda m: AdaFisherW(m, variant="paper", update_interval=1),
             "adafisherw_paper_k10": lambda m: AdaFisherW(m, variant="paper", update_interval=10),
             "adafisherw_reference_k1": lambda m: AdaFisherW(m, variant="reference", update_interval=1),
+            "adafisherw_eigen_k1": lambda m: AdaFisherW(m, variant="eigen", update_interval=1),
+            "adafisherw_eigen_k10": lambda m: AdaFisherW(m, variant="eigen", update_interval=10),
         }
     return {
         "adam_fused": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, fused=True),
@@ -111,6 +113,8 @@ def _baselines_and_adafisher(language: bool) -> dict[str, Callable[[nn.Module], 
         "adafisher_paper_k1": lambda m: AdaFisher(m, variant="paper", update_interval=1),
         "adafisher_paper_k10": lambda m: AdaFisher(m, variant="paper", update_interval=10),
         "adafisherw_reference_k1": lambda m: AdaFisherW(m, variant="reference", update_interval=1),
+        "adafisherw_eigen_k1": lambda m: AdaFisherW(m, variant="eigen", update_interval=1),
+        "adafisherw_eigen_k10": lambda m: AdaFisherW(m, variant="eigen", update_interval=10),
     }
 
 

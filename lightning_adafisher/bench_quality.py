@@ -1,24 +1,34 @@
-"""Optimizer quality on offline data: AdaFisher(W) against Adam, AdamW and SGD.
+"""Optimizer quality on offline data, after MLCommons AlgoPerf: equal tuning budgets, one
+schedule for everyone, selection on validation, seeds, and steps/time to a target.
 
 ``lightning-adafisher bench quality`` (or ``python -m lightning_adafisher.bench quality``).
-Tasks (SPEC §6: real data that ships inside packages, no download):
+Workloads (real data that ships inside packages, no download):
 
-* ``iris``: 2-layer MLP (4→32→3), 20 epochs, batch 16 — the paper's Fig. 1 setting;
-* ``wine``, ``breast_cancer``: 2-layer MLPs (→64→classes), 20 epochs, batch 16 / 32;
+* ``digits_cnn``: the quickstart's CNN with BatchNorm (``tasks.models.DigitsCNN``) on
+  scikit-learn's 8×8 handwritten digits, 15 epochs, batch 32 — a convolutional network;
+* ``digits_vit``: a pre-LN ViT (4×4 = 16 patches of 2×2 pixels, d=64, 2 blocks, 4 heads) on the
+  same digits, 30 epochs, batch 32 — attention, LayerNorm and GELU MLPs on images;
 * ``chargpt``: a character-level GPT (``tasks.models.GPT``, 2 layers, d=64, 4 heads, context 64)
-  on the English text of ``pydoc_data.topics``, a fixed number of steps, held-out perplexity.
+  on the English text of ``pydoc_data.topics``, 800 steps of 16 windows, held-out loss;
+* ``iris``, ``wine``, ``breast_cancer``: small MLPs on tabular data. Every optimizer reaches
+  ~the same accuracy on them (they are saturated), so they are not in the default set.
 
-Features are standardised with the training split's mean/std; splits (60/20/20, stratified for
-the tabular tasks; contiguous 90/5/5 for the text) are fixed (split seed 0) and do not move with
-the run seed. For every run seed all optimizers start from the same initial weights and see the
-same batch order.
+Splits (60/20/20 stratified for the classification data, contiguous 90/5/5 for the text) are
+fixed and do not move with the run seed; for every seed all optimizers start from the same
+weights and see the same batches.
 
-Protocol: every optimizer trains at every learning rate of its grid for every seed; the best lr
-is the one with the best mean validation metric (accuracy, ties broken by validation loss;
-perplexity for the GPT); the test metric at that lr is reported as mean ± std over the seeds.
-Then a wall-clock-equal comparison: the reference optimizer's (AdaFisherW, paper defaults)
-mean training time at its best lr is the budget, and each optimizer retrains at its best lr
-until that budget is spent (more or fewer epochs than the epoch-equal run).
+Protocol, the same for every optimizer:
+
+* schedule: linear warm-up over the first 5% of steps, then cosine decay to 0 (per step);
+* tuning: a log-spaced learning-rate grid of 5 points (per optimizer family), trained with
+  seed 0; the chosen lr is the one with the best final validation metric (accuracy, ties by
+  loss; loss for the GPT);
+* reporting: the chosen lr retrained with every seed (≥ 3), test metric as mean ± std;
+* target: AdamW's mean final validation metric at its chosen lr. The validation metric is
+  evaluated ``--evals`` times during training; for each optimizer the first evaluation that
+  reaches the target gives steps and seconds to target (mean over the seeds that reach it).
+
+Output: JSON, a Markdown table (``--markdown``) and PNG learning curves (``--plot``).
 """
 
 from __future__ import annotations
@@ -40,14 +50,15 @@ from torch import Tensor, nn
 
 from lightning_adafisher.optim import AdaFisher, AdaFisherW
 
-__all__ = ["TASKS", "OPTIMIZERS", "quality", "add_arguments", "run_from_args"]
+__all__ = ["TASKS", "OPTIMIZERS", "quality", "markdown", "plot", "warmup_cosine", "add_arguments", "run_from_args"]
 
-ADAM_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
-SGD_LRS = (1e-2, 3e-2, 1e-1, 3e-1)
+ADAM_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+SGD_LRS = (1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+WARMUP_FRACTION = 0.05
 DECOUPLED_WD = 1e-2
 """Weight decay of the decoupled optimizers (AdamW's torch default); the coupled ones use none."""
-REFERENCE = "adafisherw_paper_k1"
-"""The shipped default (AdaFisherW, paper variant, statistics every step): the time budget."""
+TARGET = "adamw"
+"""Whose final validation metric is the target of steps/seconds-to-target."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,23 +72,38 @@ def _adafisher(cls: type, variant: str, k: int, wd: float) -> OptimizerFactory:
     return lambda m, lr: cls(m, lr=lr, variant=variant, update_interval=k, weight_decay=wd)
 
 
+def _soap(m: nn.Module, lr: float) -> torch.optim.Optimizer:
+    from pytorch_optimizer import SOAP
+
+    return SOAP(m.parameters(), lr=lr, weight_decay=DECOUPLED_WD)
+
+
+def _shampoo(m: nn.Module, lr: float) -> torch.optim.Optimizer:
+    from pytorch_optimizer import Shampoo
+
+    return Shampoo(m.parameters(), lr=lr, momentum=0.9, preconditioning_compute_steps=10)
+
+
 OPTIMIZERS: dict[str, tuple[OptimizerFactory, tuple[float, ...]]] = {
     "adam": (lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr), ADAM_LRS),
     "adamw": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=DECOUPLED_WD), ADAM_LRS),
     "sgd": (lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), SGD_LRS),
+    "soap": (_soap, ADAM_LRS),
+    "shampoo": (_shampoo, ADAM_LRS),
+    "adafisherw_eigen_k1": (_adafisher(AdaFisherW, "eigen", 1, DECOUPLED_WD), ADAM_LRS),
+    "adafisherw_eigen_k10": (_adafisher(AdaFisherW, "eigen", 10, DECOUPLED_WD), ADAM_LRS),
     "adafisher_paper_k1": (_adafisher(AdaFisher, "paper", 1, 0.0), ADAM_LRS),
     "adafisher_paper_k10": (_adafisher(AdaFisher, "paper", 10, 0.0), ADAM_LRS),
-    "adafisher_paper_k100": (_adafisher(AdaFisher, "paper", 100, 0.0), ADAM_LRS),
     "adafisherw_paper_k1": (_adafisher(AdaFisherW, "paper", 1, DECOUPLED_WD), ADAM_LRS),
     "adafisherw_paper_k10": (_adafisher(AdaFisherW, "paper", 10, DECOUPLED_WD), ADAM_LRS),
-    "adafisherw_paper_k100": (_adafisher(AdaFisherW, "paper", 100, DECOUPLED_WD), ADAM_LRS),
     "adafisher_reference_k1": (_adafisher(AdaFisher, "reference", 1, 0.0), ADAM_LRS),
-    "adafisher_reference_k10": (_adafisher(AdaFisher, "reference", 10, 0.0), ADAM_LRS),
-    "adafisher_reference_k100": (_adafisher(AdaFisher, "reference", 100, 0.0), ADAM_LRS),
     "adafisherw_reference_k1": (_adafisher(AdaFisherW, "reference", 1, DECOUPLED_WD), ADAM_LRS),
     "adafisherw_reference_k10": (_adafisher(AdaFisherW, "reference", 10, DECOUPLED_WD), ADAM_LRS),
-    "adafisherw_reference_k100": (_adafisher(AdaFisherW, "reference", 100, DECOUPLED_WD), ADAM_LRS),
 }
+DEFAULT_OPTIMIZERS = (
+    "adamw", "sgd", "soap", "shampoo", "adafisherw_eigen_k1", "adafisherw_eigen_k10",
+    "adafisherw_paper_k1", "adafisherw_reference_k1",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +205,58 @@ def _chargpt(context: int, steps: int, batch_size: int, eval_windows: int, subse
     )
 
 
-TASKS = ("iris", "wine", "breast_cancer", "chargpt")
+def _digits(name: str, epochs: int, subset: int | None) -> Task:
+    import sklearn.datasets
+
+    from lightning_adafisher.tasks.models import DigitsCNN
+
+    data = sklearn.datasets.load_digits()
+    x = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.as_tensor(data.target, dtype=torch.long)
+    if subset is not None:
+        keep = _stratified_split(y)[0][:subset]
+        x, y = x[keep], y[keep]
+    tr, va, te = _stratified_split(y)
+    mean, std = x[tr].mean(), x[tr].std()
+    x = (x - mean) / std
+    if name == "digits_cnn":
+        build: Callable[[], nn.Module] = lambda: DigitsCNN(10)  # noqa: E731
+        model = "DigitsCNN (2 conv + BatchNorm, 2 linear)"
+    else:
+        build = lambda: ViT(image=8, patch=2, d=64, depth=2, heads=4, classes=10)  # noqa: E731
+        model = "ViT 2x2 patches, d=64, 2 pre-LN blocks, 4 heads"
+    return Task(
+        name, build, (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), 32, epochs=epochs,
+        info=dict(model=model, n_train=len(tr), n_val=len(va), n_test=len(te), epochs=epochs, batch_size=32),
+    )
+
+
+class ViT(nn.Module):
+    """A small pre-LN vision transformer: linear patch embedding, learned positions, mean pool."""
+
+    def __init__(self, image: int, patch: int, d: int, depth: int, heads: int, classes: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(patch * patch, d)
+        self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2, d))
+        layer = lambda: nn.TransformerEncoderLayer(  # noqa: E731
+            d, heads, 2 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.ModuleList(layer() for _ in range(depth))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch
+        patches = x.unfold(2, p, p).unfold(3, p, p).reshape(x.shape[0], -1, p * p)
+        h = self.embed(patches) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(1))
+
+
+TASKS = ("digits_cnn", "digits_vit", "chargpt", "iris", "wine", "breast_cancer")
+DEFAULT_TASKS = ("digits_cnn", "digits_vit", "chargpt")
 
 
 def _make_task(name: str, cfg: argparse.Namespace) -> Task:
@@ -190,6 +267,10 @@ def _make_task(name: str, cfg: argparse.Namespace) -> Task:
         return _tabular(name, "load_wine", 64, 16, cfg.epochs, subset)
     if name == "breast_cancer":
         return _tabular(name, "load_breast_cancer", 64, 32, cfg.epochs, subset)
+    if name == "digits_cnn":
+        return _digits(name, cfg.cnn_epochs if cfg.epochs is None else cfg.epochs, subset)
+    if name == "digits_vit":
+        return _digits(name, cfg.vit_epochs if cfg.epochs is None else cfg.epochs, subset)
     if name == "chargpt":
         return _chargpt(cfg.context, cfg.gpt_steps, cfg.gpt_batch_size, cfg.gpt_eval_windows,
                         None if subset is None else subset * 200)
@@ -229,34 +310,56 @@ def _evaluate(task: Task, model: nn.Module, split: tuple[Tensor, Tensor]) -> dic
     out = model(x)
     loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).item()
     model.train()
+    if not math.isfinite(loss):
+        loss = math.inf
     if task.language:
-        return dict(loss=loss, perplexity=math.exp(min(loss, 50.0)))
+        return dict(loss=loss)
     return dict(loss=loss, accuracy=(out.argmax(-1) == y).float().mean().item())
 
 
-def _train(
-    task: Task, model: nn.Module, make: OptimizerFactory, lr: float, seed: int,
-    time_budget: float | None = None,
-) -> dict[str, float]:
-    """Train a fresh copy of ``model``; returns validation/test metrics and the training time.
+def _metric(task: Task) -> str:
+    return "loss" if task.language else "accuracy"
 
-    Without ``time_budget`` the task's epoch/step budget applies; with it, training runs until
-    the budget (seconds of training, evaluation excluded) is spent.
-    """
+
+def _better(task: Task, a: float, b: float) -> bool:
+    """Whether metric value ``a`` is at least as good as ``b``."""
+    return a <= b if task.language else a >= b
+
+
+def _steps(task: Task) -> int:
+    if task.language:
+        return task.steps
+    return task.epochs * math.ceil(len(task.train[0]) / task.batch_size)
+
+
+def warmup_cosine(step: int, total: int, warmup_fraction: float = WARMUP_FRACTION) -> float:
+    """The lr factor of step ``step`` (0-based): linear warm-up, then cosine decay to 0."""
+    warmup = max(1, round(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _train(
+    task: Task, model: nn.Module, make: OptimizerFactory, lr: float, seed: int, evals: int = 10,
+) -> dict:
+    """Train a fresh copy of ``model`` for the task's steps under the warm-up + cosine schedule;
+    returns final validation/test metrics, the validation curve and the training time."""
     model = copy.deepcopy(model)
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the GPT's tied head; identity warnings
         opt = make(model, lr)
+    steps = _steps(task)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps))
     gen = torch.Generator().manual_seed(seed)
-    if task.language:
-        steps = task.steps
-    else:
-        steps = task.epochs * math.ceil(len(task.train[0]) / task.batch_size)
     batches = _batches(task, gen)
-    taken, elapsed, diverged = 0, 0.0, False
-    start = time.perf_counter()
-    while (taken < steps) if time_budget is None else (time.perf_counter() - start < time_budget):
+    marks = {max(1, round(steps * (i + 1) / evals)) for i in range(evals)}
+    curve: list[dict] = []
+    elapsed, diverged = 0.0, False
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
         x, y = next(batches)
         opt.zero_grad(set_to_none=True)
         loss = _loss(model, x, y)
@@ -265,112 +368,162 @@ def _train(
             break
         loss.backward()
         opt.step()
-        taken += 1
-    elapsed = time.perf_counter() - start
+        schedule.step()
+        elapsed += time.perf_counter() - start
+        if step in marks:
+            val = _evaluate(task, model, task.val)
+            curve.append(dict(step=step, seconds=elapsed, **{f"val_{k}": v for k, v in val.items()}))
     val, test = _evaluate(task, model, task.val), _evaluate(task, model, task.test)
     if diverged or not math.isfinite(val["loss"]):
-        worst = dict(loss=float("inf"), perplexity=float("inf")) if task.language else dict(loss=float("inf"), accuracy=0.0)
+        worst = dict(loss=math.inf) if task.language else dict(loss=math.inf, accuracy=0.0)
         val, test = dict(worst), dict(worst)
     return dict(
         **{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()},
-        seconds=elapsed, steps=taken, diverged=diverged,
+        seconds=elapsed, steps=steps, diverged=diverged, curve=curve,
     )
 
 
-def _score(task: Task, runs: list[dict]) -> tuple[float, float]:
-    """Higher is better: (mean val accuracy, −mean val loss) or (−mean val perplexity, 0)."""
+def _score(task: Task, run: dict) -> tuple[float, float]:
+    """Higher is better: (val accuracy, −val loss), or (−val loss, 0) for the language model."""
     if task.language:
-        ppl = [r["val_perplexity"] for r in runs]
-        return (-statistics.fmean(ppl) if all(math.isfinite(v) for v in ppl) else -math.inf, 0.0)
-    return (statistics.fmean(r["val_accuracy"] for r in runs), -statistics.fmean(r["val_loss"] for r in runs))
+        return (-run["val_loss"], 0.0)
+    return (run["val_accuracy"], -run["val_loss"])
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    # A diverged run (inf/NaN loss or perplexity) makes the whole cell non-finite, not a crash.
+    # A diverged run makes the whole cell non-finite, not a crash.
     if not all(math.isfinite(v) for v in values):
-        return dict(mean=math.inf, std=math.nan)
+        return dict(mean=math.nan, std=math.nan)
     return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _to_target(task: Task, runs: list[dict], target: float) -> dict:
+    """Steps and seconds at the first evaluation whose validation metric reaches ``target``."""
+    key = f"val_{_metric(task)}"
+    hits = [next((c for c in r["curve"] if _better(task, c[key], target)), None) for r in runs]
+    reached = [h for h in hits if h is not None]
+    return dict(
+        reached=len(reached), runs=len(runs),
+        steps=_summary([h["step"] for h in reached]) if reached else None,
+        seconds=_summary([h["seconds"] for h in reached]) if reached else None,
+    )
 
 
 def quality(
     tasks: list[str], optimizers: list[str], seeds: list[int], cfg: argparse.Namespace,
-    lr_override: list[float] | None = None, time_equal: bool = True, log: Callable[[str], None] = print,
+    lr_override: list[float] | None = None, log: Callable[[str], None] = print,
 ) -> dict:
     """Run the protocol of the module docstring; returns a JSON-ready dict."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out: dict = dict(
         benchmark="quality", seeds=seeds, threads=torch.get_num_threads(), torch=torch.__version__,
-        machine=platform.machine(), reference=REFERENCE, decoupled_weight_decay=DECOUPLED_WD,
+        machine=platform.machine(), processor=platform.processor(), target_optimizer=TARGET,
+        decoupled_weight_decay=DECOUPLED_WD, schedule=f"linear warm-up {WARMUP_FRACTION:.0%}, cosine to 0",
         tasks={},
     )
     wall = time.perf_counter()
     for task_name in tasks:
         task = _make_task(task_name, cfg)
-        metric = "perplexity" if task.language else "accuracy"
+        metric = _metric(task)
         inits = {}
         for seed in seeds:
             torch.manual_seed(seed)
             inits[seed] = task.build()
-        result: dict = dict(info=task.info, metric=metric, optimizers={})
+        result: dict = dict(info=dict(task.info, steps=_steps(task)), metric=metric, optimizers={})
+        runs_of: dict[str, list[dict]] = {}
         for opt_name in optimizers:
             make, grid = OPTIMIZERS[opt_name]
             grid = tuple(lr_override) if lr_override else grid
-            per_lr = {}
-            for lr in grid:
-                per_lr[lr] = [_train(task, inits[s], make, lr, s) for s in seeds]
-            best_lr = max(grid, key=lambda lr: _score(task, per_lr[lr]))
-            best = per_lr[best_lr]
+            tuning = {lr: _train(task, inits[seeds[0]], make, lr, seeds[0], cfg.evals) for lr in grid}
+            best_lr = max(grid, key=lambda lr: _score(task, tuning[lr]))
+            runs = [tuning[best_lr]] + [
+                _train(task, inits[s], make, best_lr, s, cfg.evals) for s in seeds[1:]
+            ]
+            runs_of[opt_name] = runs
             result["optimizers"][opt_name] = dict(
                 best_lr=best_lr,
-                test=_summary([r[f"test_{metric}"] for r in best]),
-                val=_summary([r[f"val_{metric}"] for r in best]),
-                seconds=_summary([r["seconds"] for r in best]),
-                by_lr={
-                    str(lr): dict(
-                        val=_summary([r[f"val_{metric}"] for r in runs]),
-                        test=_summary([r[f"test_{metric}"] for r in runs]),
-                        diverged=sum(r["diverged"] for r in runs),
-                    )
-                    for lr, runs in per_lr.items()
-                },
+                test=_summary([r[f"test_{metric}"] for r in runs]),
+                val=_summary([r[f"val_{metric}"] for r in runs]),
+                seconds=_summary([r["seconds"] for r in runs]),
+                tuning={str(lr): dict(val=r[f"val_{metric}"], diverged=r["diverged"]) for lr, r in tuning.items()},
+                curves=[r["curve"] for r in runs],
             )
             row = result["optimizers"][opt_name]
             log(f"[{task_name}] {opt_name:26s} lr {best_lr:g}  test {metric} "
                 f"{row['test']['mean']:.4f} ± {row['test']['std']:.4f}  ({row['seconds']['mean']:.2f} s/run)")
-        if time_equal and REFERENCE in result["optimizers"]:
-            budget = result["optimizers"][REFERENCE]["seconds"]["mean"]
-            result["time_budget_seconds"] = budget
-            for opt_name in optimizers:
-                make, _ = OPTIMIZERS[opt_name]
-                row = result["optimizers"][opt_name]
-                runs = [_train(task, inits[s], make, row["best_lr"], s, time_budget=budget) for s in seeds]
-                row["time_equal"] = dict(
-                    test=_summary([r[f"test_{metric}"] for r in runs]),
-                    steps=_summary([float(r["steps"]) for r in runs]),
-                )
+        if TARGET in result["optimizers"]:
+            target = result["optimizers"][TARGET]["val"]["mean"]
+            result["target"] = dict(optimizer=TARGET, val=target)
+            if math.isfinite(target):
+                for opt_name, runs in runs_of.items():
+                    result["optimizers"][opt_name]["to_target"] = _to_target(task, runs, target)
         out["tasks"][task_name] = result
     out["total_seconds"] = time.perf_counter() - wall
     return out
 
 
-def print_table(result: dict) -> None:
+def markdown(result: dict) -> str:
+    """The result as Markdown tables, one per workload."""
+    lines: list[str] = []
     for task_name, task in result["tasks"].items():
         metric = task["metric"]
-        arrow = "lower is better" if metric == "perplexity" else "higher is better"
-        print(f"\n{task_name}: test {metric} ({arrow}), mean ± std over seeds {result['seeds']}")
-        budget = task.get("time_budget_seconds")
-        hdr = f"{'optimizer':26s} {'best lr':>8s} {'epoch-equal':>17s} {'s/run':>6s}"
-        if budget is not None:
-            hdr += f" {'time-equal (' + format(budget, '.2f') + ' s)':>22s} {'steps':>6s}"
-        print(hdr)
+        arrow = "lower is better" if metric == "loss" else "higher is better"
+        target = task.get("target")
+        lines.append(f"### {task_name}: {task['info']['model']}, {task['info']['steps']} steps\n")
+        lines.append(f"Test {metric} ({arrow}), mean ± std over seeds {result['seeds_by_task'][task_name]}"
+                     + (f"; target: {target['optimizer']}'s final validation {metric} "
+                        f"{target['val']:.4f}" if target else "") + ".\n")
+        lines.append(f"| optimizer | chosen lr | test {metric} | val {metric} | steps to target | "
+                     "seconds to target | s/run |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for name, row in task["optimizers"].items():
-            line = (f"{name:26s} {row['best_lr']:8g} {row['test']['mean']:9.4f} ± {row['test']['std']:.4f} "
-                    f"{row['seconds']['mean']:6.2f}")
-            if "time_equal" in row:
-                te = row["time_equal"]
-                line += f" {te['test']['mean']:13.4f} ± {te['test']['std']:.4f} {te['steps']['mean']:6.0f}"
-            print(line)
+            reach = row.get("to_target")
+            if reach is None or reach["steps"] is None:
+                steps = seconds = f"not reached (0/{reach['runs']})" if reach else "–"
+            else:
+                part = "" if reach["reached"] == reach["runs"] else f" ({reach['reached']}/{reach['runs']} seeds)"
+                steps = f"{reach['steps']['mean']:.0f}{part}"
+                seconds = f"{reach['seconds']['mean']:.1f}"
+            lines.append(
+                f"| {name} | {row['best_lr']:g} | {row['test']['mean']:.4f} ± {row['test']['std']:.4f} | "
+                f"{row['val']['mean']:.4f} ± {row['val']['std']:.4f} | {steps} | {seconds} | "
+                f"{row['seconds']['mean']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """Validation curves (mean over seeds at the chosen lr), one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(result["tasks"].items())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, (task_name, task) in zip(axes[0], tasks):
+        key = f"val_{task['metric']}"
+        for name, row in task["optimizers"].items():
+            curves = [c for c in row["curves"] if c]
+            if not curves or any(len(c) != len(curves[0]) for c in curves):
+                continue
+            steps = [p["step"] for p in curves[0]]
+            values = [statistics.fmean(c[i][key] for c in curves) for i in range(len(steps))]
+            style = "-" if name.startswith("adafisher") else "--"
+            ax.plot(steps, values, style, label=f"{name} (lr {row['best_lr']:g})")
+        if "target" in task:
+            ax.axhline(task["target"]["val"], color="grey", lw=0.8)
+        ax.set_title(task_name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {task['metric']}")
+        if task["metric"] == "accuracy":
+            ax.set_ylim(max(0.0, ax.get_ylim()[0]), 1.0)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _floats(text: str) -> list[float]:
@@ -393,53 +546,60 @@ def _names(choices: tuple[str, ...] | list[str]) -> Callable[[str], list[str]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", type=_names(TASKS), default=list(TASKS))
-    parser.add_argument("--optimizers", type=_names(list(OPTIMIZERS)), default=list(OPTIMIZERS))
-    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--tasks", type=_names(TASKS), default=list(DEFAULT_TASKS),
+                        help=f"comma-separated, from {', '.join(TASKS)} (default: %(default)s)")
+    parser.add_argument("--optimizers", type=_names(list(OPTIMIZERS)), default=list(DEFAULT_OPTIMIZERS),
+                        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: %(default)s)")
+    parser.add_argument("--seeds", type=_ints, default=[0, 1, 2],
+                        help="seed 0's runs tune the lr; the chosen lr runs every seed (default: %(default)s)")
     parser.add_argument("--lrs", type=_floats, default=None,
-                        help="one lr grid for every optimizer (default: per-optimizer grids)")
-    parser.add_argument("--epochs", type=int, default=20, help="tabular tasks")
-    parser.add_argument("--gpt-steps", type=int, default=100)
-    parser.add_argument("--gpt-batch-size", type=int, default=16)
-    parser.add_argument("--gpt-eval-windows", type=int, default=64)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--gpt-seeds", type=_ints, default=[0, 1],
-                        help="seeds for the GPT task (it is ~20× the cost of the others)")
+                        help="one lr grid for every optimizer (default: per-family 5-point grids)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of every classification task (default: per task)")
+    parser.add_argument("--cnn-epochs", type=int, default=15, help="digits_cnn (default: %(default)s)")
+    parser.add_argument("--vit-epochs", type=int, default=30, help="digits_vit (default: %(default)s)")
+    parser.add_argument("--gpt-steps", type=int, default=800, help="chargpt (default: %(default)s)")
+    parser.add_argument("--gpt-batch-size", type=int, default=16, help="(default: %(default)s)")
+    parser.add_argument("--gpt-eval-windows", type=int, default=256, help="(default: %(default)s)")
+    parser.add_argument("--context", type=int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--evals", type=int, default=10,
+                        help="validation evaluations per run, for steps-to-target (default: %(default)s)")
     parser.add_argument("--subset", type=int, default=None,
                         help="keep this many training rows (tests); GPT: 200× as many characters")
-    parser.add_argument("--no-time-equal", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="a seconds-long smoke run: tiny subsets, 2 lrs, 1 seed, few steps")
     parser.add_argument("--threads", type=int, default=1,
                         help="1: these models are too small for intra-op threads to pay off")
     parser.add_argument("--out", default="bench_quality.json", help="where to write the JSON")
+    parser.add_argument("--markdown", default=None, help="also write the tables here")
+    parser.add_argument("--plot", default=None, help="also write the learning curves here (PNG)")
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    result: dict | None = None
-    tabular = [t for t in args.tasks if t != "chargpt"]
-    parts = []
-    if tabular:
-        parts.append(quality(tabular, args.optimizers, args.seeds, args, args.lrs, not args.no_time_equal))
-    if "chargpt" in args.tasks:
-        parts.append(quality(["chargpt"], args.optimizers, args.gpt_seeds, args, args.lrs, not args.no_time_equal))
-    for part in parts:
-        if result is None:
-            result = part
-            result["seeds_by_task"] = {t: part["seeds"] for t in part["tasks"]}
-        else:
-            result["tasks"].update(part["tasks"])
-            result["seeds_by_task"].update({t: part["seeds"] for t in part["tasks"]})
-            result["total_seconds"] += part["total_seconds"]
-    assert result is not None
-    for task_name, task in result["tasks"].items():
-        print_table(dict(result, tasks={task_name: task}, seeds=result["seeds_by_task"][task_name]))
+    if args.quick:
+        args.subset, args.epochs, args.gpt_steps = 60, 2, 4
+        args.gpt_batch_size, args.gpt_eval_windows, args.context, args.evals = 2, 4, 16, 2
+        args.seeds = args.seeds[:1] if args.seeds != [0, 1, 2] else [0]
+        args.lrs = args.lrs or [1e-3, 1e-2]
+    result = quality(args.tasks, args.optimizers, args.seeds, args, args.lrs)
+    result["seeds_by_task"] = {t: args.seeds for t in result["tasks"]}
+    table = markdown(result)
+    print("\n" + table)
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\ntotal {result['total_seconds']:.0f} s; wrote {args.out}")
+        json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    if args.plot:
+        plot(result, args.plot)
+    print(f"total {result['total_seconds']:.0f} s; wrote {args.out}")
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-adafisher bench quality", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lightning-adafisher bench quality", description=(__doc__ or "").split("\n\n")[0],
+    )
     add_arguments(parser)
     run_from_args(parser.parse_args(argv))
 

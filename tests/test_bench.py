@@ -40,9 +40,12 @@ def _check_speed(result: dict, model: str, batch_size: int, baseline: str) -> No
         elif name == baseline:
             assert row["statistics_ms"] is None
             assert row["component_ratio_to_baseline"] == pytest.approx(1.0)
-        if row["optimizer"].startswith("adafisher"):
+        if row["optimizer"].startswith("adafisher") and "_eigen_" not in name:
             # one moment plus factor vectors: about half of Adam's two moments
             assert 0.4 < row["state_ratio_to_baseline"] < 0.75
+        elif "_eigen_" in name:
+            # two moments plus full factors and their eigenvectors: more than Adam's
+            assert row["state_ratio_to_baseline"] > 1.0
 
 
 def _speed_args(tmp_path, *extra: str) -> list[str]:
@@ -78,32 +81,45 @@ def test_speed_rejects_bad_batch_sizes(tmp_path):
         bench.main(_speed_args(tmp_path, "--model", "tiny", "--batch-sizes", "2,x"))
 
 
-def test_quality_writes_json_with_best_lr_and_time_equal_rows(tmp_path, capsys):
-    out = tmp_path / "quality.json"
+def test_quality_quick_runs_every_default_workload_and_writes_json_markdown_and_plot(tmp_path, capsys):
+    out, md, png = tmp_path / "quality.json", tmp_path / "quality.md", tmp_path / "curves.png"
     bench.main([
-        "quality", "--tasks", "iris,chargpt", "--optimizers", "adam,adafisherw_paper_k1",
-        "--seeds", "0", "--gpt-seeds", "0", "--lrs", "1e-3,1e-2", "--epochs", "2",
-        "--subset", "40", "--gpt-steps", "3", "--gpt-batch-size", "2", "--gpt-eval-windows", "4",
-        "--context", "16", "--out", str(out),
+        "quality", "--quick", "--optimizers", "adamw,adafisherw_eigen_k1,adafisherw_paper_k1",
+        "--out", str(out), "--markdown", str(md), "--plot", str(png),
     ])
     result = json.loads(out.read_text())
     assert result["benchmark"] == "quality"
-    assert set(result["tasks"]) == {"iris", "chargpt"}
+    assert set(result["tasks"]) == {"digits_cnn", "digits_vit", "chargpt"}
     for name, task in result["tasks"].items():
-        metric = "perplexity" if name == "chargpt" else "accuracy"
+        metric = "loss" if name == "chargpt" else "accuracy"
         assert task["metric"] == metric
-        assert task["time_budget_seconds"] > 0
-        assert set(task["optimizers"]) == {"adam", "adafisherw_paper_k1"}
+        assert task["target"]["optimizer"] == "adamw"
+        assert task["target"]["val"] == task["optimizers"]["adamw"]["val"]["mean"]
+        assert set(task["optimizers"]) == {"adamw", "adafisherw_eigen_k1", "adafisherw_paper_k1"}
         for row in task["optimizers"].values():
             assert row["best_lr"] in (1e-3, 1e-2)
-            assert set(row["by_lr"]) == {"0.001", "0.01"}
-            for key in ("test", "val", "seconds"):
-                assert set(row[key]) == {"mean", "std"}
-            assert set(row["time_equal"]) == {"test", "steps"}
+            assert set(row["tuning"]) == {"0.001", "0.01"}
+            assert set(row["test"]) == {"mean", "std"}
             value = row["test"]["mean"]
-            assert (0.0 <= value <= 1.0) if metric == "accuracy" else value >= 1.0
-    printed = capsys.readouterr().out
-    assert "time-equal" in printed and "chargpt" in printed
+            assert (0.0 <= value <= 1.0) if metric == "accuracy" else value > 0.0
+            steps = [point["step"] for point in row["curves"][0]]
+            assert steps == sorted(steps) and steps[-1] == task["info"]["steps"]
+            assert row["to_target"]["runs"] == 1
+        # AdamW reaches its own final metric, at the latest at its last evaluation
+        assert task["optimizers"]["adamw"]["to_target"]["reached"] == 1
+    table = md.read_text()
+    assert "| adafisherw_eigen_k1 |" in table and "steps to target" in table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "### chargpt" in capsys.readouterr().out
+
+
+def test_warmup_cosine_schedule():
+    from lightning_adafisher.bench_quality import warmup_cosine
+
+    factors = [warmup_cosine(k, 100) for k in range(100)]
+    assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # 5% warm-up
+    assert factors[5] == 1.0 and 0.0 <= factors[-1] < 1e-3
+    assert all(a >= b for a, b in zip(factors[5:], factors[6:]))
 
 
 def test_speed_times_installed_peers_and_reports_the_ones_that_fail(tmp_path, monkeypatch):

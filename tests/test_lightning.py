@@ -38,7 +38,7 @@ def _trainer(tmp_path=None, **kw) -> pl.Trainer:
 def plain_full_batch(epochs: int = 2, batch: int = 8, variant: str = "paper", interval: int = 1):
     """The same training in plain PyTorch with batches of 8 (the ground truth)."""
     model = make_mlp()
-    opt = AdaFisherW(model, update_interval=interval, variant=variant, **HP)
+    opt = AdaFisherW(model, update_interval=interval, variant=variant, eigen_interval=1, **HP)
     for _ in range(epochs):
         for x, y in DataLoader(make_data(32), batch_size=batch):
             opt.zero_grad()
@@ -57,7 +57,7 @@ def _net_state(module) -> dict:
     return {k.removeprefix("net."): v for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("variant", ["paper", "reference"])
+@pytest.mark.parametrize("variant", ["paper", "reference", "eigen"])
 def test_accumulation_equals_full_batch(variant):
     module = MLPModule(variant=variant)
     trainer = _trainer(precision="64-true", accumulate_grad_batches=2, callbacks=[AdaFisherCallback()])
@@ -350,10 +350,11 @@ def _run_ddp(out: Path, *extra: str) -> None:
 
 
 @pytest.mark.distributed
-def test_ddp_two_ranks_equal_full_batch(tmp_path):
-    _run_ddp(tmp_path / "sync")
+@pytest.mark.parametrize("variant", ["paper", "eigen"])
+def test_ddp_two_ranks_equal_full_batch(tmp_path, variant):
+    _run_ddp(tmp_path / "sync", "--variant", variant)
     ranks = _load_ranks(tmp_path / "sync")
-    expected = plain_full_batch().state_dict()
+    expected = plain_full_batch(variant=variant).state_dict()
     for rank in ranks:
         _assert_same_params({k.removeprefix("net."): v for k, v in rank.items()}, expected)
 
