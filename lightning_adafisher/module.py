@@ -32,8 +32,9 @@ class AdaFisherMixin:
     """Mixin for ``LightningModule``: AdaFisherW + cosine schedule + the callback.
 
     Args:
-        lr, beta, gamma, damping, weight_decay, update_interval, variant: AdaFisherW's
-            hyperparameters (see :class:`~lightning_adafisher.AdaFisherW`).
+        lr, beta, gamma, damping, weight_decay, update_interval, variant, beta2, eps,
+            eigen_interval, max_factor_size: AdaFisherW's hyperparameters (see
+            :class:`~lightning_adafisher.AdaFisherW`; the last four are ``variant="eigen"``'s).
         no_decay_bias_and_norm: put biases and normalisation-layer parameters in a second
             param group with ``weight_decay=0``.
         scheduler: ``"cosine"`` (per optimizer step, down to 0 over
@@ -50,6 +51,10 @@ class AdaFisherMixin:
         weight_decay: float = 0.0,
         update_interval: int = 1,
         variant: str = "paper",
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        eigen_interval: int = 10,
+        max_factor_size: int = 2048,
         no_decay_bias_and_norm: bool = False,
         scheduler: str = "cosine",
         **kwargs: Any,
@@ -59,7 +64,8 @@ class AdaFisherMixin:
             raise ValueError(f"Invalid scheduler: {scheduler!r} (expected 'cosine' or 'none')")
         self.adafisher_config = dict(
             lr=lr, beta=beta, gamma=gamma, damping=damping, weight_decay=weight_decay,
-            update_interval=update_interval, variant=variant,
+            update_interval=update_interval, variant=variant, beta2=beta2, eps=eps,
+            eigen_interval=eigen_interval, max_factor_size=max_factor_size,
         )
         self.no_decay_bias_and_norm = no_decay_bias_and_norm
         self.scheduler_name = scheduler

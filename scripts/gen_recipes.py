@@ -33,6 +33,21 @@ CNN_OPTIMIZERS = {
         200,
         "AdaFisher (coupled L2 decay) was used for all CNNs in the paper",
     ),
+    "adafisherw_eigen": (
+        "lightning_adafisher.AdaFisherW",
+        [
+            ("lr", "0.003", "float: Adam-scale; not tuned on CIFAR (docs/benchmarks.md)"),
+            ("beta", "0.9", "float: first-moment decay"),
+            ("beta2", "0.95", "float: second-moment decay (in the eigenbasis)"),
+            ("gamma", "0.92", "float: factor EMA decay"),
+            ("update_interval", "10", "int: full factors every 10 steps"),
+            ("eigen_interval", "10", "int: eigendecomposition every 10 steps"),
+            ("max_factor_size", "2048", "int: larger sides keep the identity (Adam there)"),
+            ("variant", "eigen", "str: Adam in the eigenbasis of the Kronecker factors"),
+        ],
+        200,
+        "AdaFisherW, eigenbasis variant (not in the paper; docs/numerics.md)",
+    ),
     "sgd": (
         "torch.optim.SGD",
         [
@@ -100,6 +115,8 @@ def cifar(dataset: str, cnn: str, opt: str) -> tuple[str, str]:
     classes = 10 if dataset == "cifar10" else 100
     class_path, args, epochs, note = CNN_OPTIMIZERS[opt]
     wd = "0.00001" if cnn == "mobilenetv3" else "0.0005"
+    if opt == "adafisherw_eigen":
+        wd = "0.05"  # decoupled: applied as lr·wd per step (AdamW's scale)
     path = f"recipes/{dataset}/{cnn}_{opt}.yaml"
     text = HEADER.format(
         title=f"{dataset.upper()} · {cnn} (CIFAR stem) · {class_path.rsplit('.', 1)[-1]}",
@@ -116,7 +133,8 @@ def cifar(dataset: str, cnn: str, opt: str) -> tuple[str, str]:
     num_workers: 4                  # int: data loader processes
     cutout: true                    # bool: Cutout 16 px (D.2.2)
 """
-    text += f"optimizer:\n  class_path: {class_path}\n  init_args:\n{_args(args, wd)}\n"
+    decay_note = "# float: decoupled (AdamW scale); not tuned on CIFAR" if opt == "adafisherw_eigen" else "# float: D.2.1"
+    text += f"optimizer:\n  class_path: {class_path}\n  init_args:\n{_args(args, wd).replace('# float: D.2.1', decay_note)}\n"
     text += _scheduler(epochs)
     return path, text
 
@@ -159,6 +177,17 @@ def gpt(dataset: str, opt: str) -> tuple[str, str]:
             ("gamma", "0.92", "float: factor EMA decay"),
             ("damping", "0.001", "float: Tikhonov damping λ"),
             ("update_interval", "1", "int: statistics every step"),
+        ]
+    elif opt == "adafisherw_eigen":
+        class_path, lr, epochs = "lightning_adafisher.AdaFisherW", "0.0001", 50
+        extra_args = [
+            ("lr", lr, "float: Adam-scale; not tuned on this task"),
+            ("beta2", "0.95", "float: second-moment decay (in the eigenbasis)"),
+            ("gamma", "0.92", "float: factor EMA decay"),
+            ("update_interval", "10", "int: full factors every 10 steps"),
+            ("eigen_interval", "10", "int: eigendecomposition every 10 steps"),
+            ("max_factor_size", "2048", "int: larger sides (the MLP's 3072) keep the identity"),
+            ("variant", "eigen", "str: Adam in the eigenbasis of the Kronecker factors"),
         ]
     else:
         class_path, lr, epochs = "torch.optim.AdamW", "0.00005", 55
@@ -249,7 +278,7 @@ def all_recipes() -> dict[str, str]:
         path, text = imagenet(opt, batch)
         recipes[path] = text
     for dataset in ("wikitext2", "ptb"):
-        for opt in ("adafisherw", "adamw"):
+        for opt in ("adafisherw", "adafisherw_eigen", "adamw"):
             path, text = gpt(dataset, opt)
             recipes[path] = text
     return recipes
