@@ -367,7 +367,12 @@ def _train(
             diverged = True
             break
         loss.backward()
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as error:  # e.g. a peer's SVD of non-finite statistics
+            diverged = True
+            warnings.warn(f"{type(opt).__name__} failed at step {step} (counted as diverged): {error}")
+            break
         schedule.step()
         elapsed += time.perf_counter() - start
         if step in marks:
