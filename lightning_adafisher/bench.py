@@ -353,9 +353,16 @@ def main(argv: list[str] | None = None) -> None:
     from lightning_adafisher import bench_quality
 
     bench_quality.add_arguments(qp)
+    up = sub.add_parser("updates", help="update size and spread per layer type (bench_updates)")
+    from lightning_adafisher import bench_updates
+
+    bench_updates.add_arguments(up)
     args = parser.parse_args(argv)
     if args.mode == "quality":
         bench_quality.run_from_args(args)
+        return
+    if args.mode == "updates":
+        bench_updates.run_from_args(args)
         return
     sizes = args.batch_sizes or [args.batch_size]
     results = []

@@ -171,3 +171,21 @@ def test_cifar_resnet18_is_the_recipes_model_with_a_32x32_first_stage():
             m.eval()(torch.zeros(1, 3, 32, 32))
     assert stage_one == {"cifar": (32, 32), "imagenet": (8, 8)}
     assert isinstance(model.maxpool, nn.Identity)
+
+
+def test_updates_reports_rms_and_spread_per_layer_type(tmp_path, capsys):
+    out = tmp_path / "updates.json"
+    bench.main(["updates", "--steps", "3", "--subset", "60", "--optimizers", "adamw,adafisherw_paper_k1",
+                "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "updates" and result["steps"] == 3
+    cnn, gpt = result["tasks"]["digits_cnn"], result["tasks"]["chargpt"]
+    assert set(cnn["adamw"]) == {"BatchNorm", "Conv2d", "Linear"}
+    assert set(gpt["adamw"]) == {"Embedding", "LayerNorm", "Linear"}
+    for rows in (cnn, gpt):
+        for row in rows.values():
+            for kind in row.values():
+                assert kind["rms"] > 0 and kind["spread"] >= 0
+    # Adam's first steps move every entry by about lr: Δp/lr has RMS near (and below) 1
+    assert all(0.3 < kind["rms"] <= 1.0 for kind in cnn["adamw"].values())
+    assert "| adafisherw_paper_k1 |" in capsys.readouterr().out
