@@ -82,6 +82,21 @@ def linear_output_cov(g: Tensor) -> tuple[Tensor, float]:
     return _gram_with_ones(rows, False).reshape(-1), float(rows.shape[0])
 
 
+CONV_POSITIONS_PER_IMAGE = 64
+"""At most this many output positions per image (an evenly strided grid, at most 8 × 8) give the
+rows of a conv's input factor. A mean over positions needs far fewer than a 32×32 map's 1024 to
+fix an eigenbasis, and the full set costs the factor ``B·L·n_h²`` (9× the layer's own forward on
+a CIFAR ResNet's first stage). Maps of at most 64 positions use every position."""
+
+
+def conv2d_position_strides(out_h: int, out_w: int) -> tuple[int, int]:
+    """Every how many output rows and columns a position enters the input factor."""
+    side = math.isqrt(CONV_POSITIONS_PER_IMAGE)
+    if out_h * out_w <= CONV_POSITIONS_PER_IMAGE:
+        return 1, 1
+    return max(1, math.ceil(out_h / side)), max(1, math.ceil(out_w / side))
+
+
 def conv2d_input_cov(
     x: Tensor,
     kernel_size: Sequence[int],
@@ -97,8 +112,10 @@ def conv2d_input_cov(
     One row per (image, output position, group), entries in the weight's ``(c, kh, kw)``
     order, ones entry last if ``bias``; a grouped conv stacks its groups' patches as rows of
     one shared factor. ``padding`` is ``(left, right, top, bottom)`` as from
-    :func:`functional.conv2d_padding`. This builds the patches (``B·L × C·kh·kw``): the full
-    factor needs every pair of patch entries, which no sum of squares gives.
+    :func:`functional.conv2d_padding`. Output positions are those of an evenly strided grid of
+    at most :data:`CONV_POSITIONS_PER_IMAGE` per image (:func:`conv2d_position_strides`; all of
+    them for small maps). This builds the patches of those positions: the full factor needs
+    every pair of patch entries, which no sum of squares gives.
     """
     if x.dim() == 3:
         x = x.unsqueeze(0)
@@ -106,11 +123,15 @@ def conv2d_input_cov(
     if any(padding):
         mode = "constant" if padding_mode == "zeros" else padding_mode
         x = F.pad(x, padding, mode=mode)
-    b, c_in = x.shape[:2]
+    b, c_in, height, width = x.shape
     c_group = c_in // groups
     kh, kw = kernel_size
+    (sh, sw), (dh, dw) = tuple(stride), tuple(dilation)
+    out_h = (height - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width - dw * (kw - 1) - 1) // sw + 1
+    fh, fw = conv2d_position_strides(out_h, out_w)
     with _autocast_off():
-        patches = F.unfold(x, (kh, kw), dilation=tuple(dilation), stride=tuple(stride))
+        patches = F.unfold(x, (kh, kw), dilation=(dh, dw), stride=(sh * fh, sw * fw))
     positions = patches.shape[-1]
     # [B, groups·c·kh·kw, L] -> rows [B·groups·L, c·kh·kw]
     rows = patches.view(b, groups, c_group * kh * kw, positions).permute(0, 1, 3, 2)

@@ -351,3 +351,15 @@ def test_stats_dtype_of_bfloat16_layers_is_float32():
     assert state["factor_h"].dtype == state["eigenbasis_h"].dtype == state["eigen_exp_avg"].dtype == torch.float32
     assert net[0].weight.dtype == torch.bfloat16
     assert fn.stats_dtype(torch.bfloat16) == torch.float32
+
+
+def test_large_conv_maps_use_an_evenly_strided_grid_of_positions():
+    torch.manual_seed(0)
+    module = nn.Conv2d(2, 3, 3, stride=1, padding=1).double()
+    x = torch.randn(2, 2, 20, 17, dtype=torch.float64)  # 20×17 = 340 output positions
+    assert eg.conv2d_position_strides(20, 17) == (3, 3)
+    assert eg.conv2d_position_strides(8, 8) == (1, 1)
+    total, count = layer_helper_for(module).input_cov(module, x)
+    rows = input_rows(module, x).view(2, 20, 17, -1)[:, ::3, ::3].reshape(-1, 19)  # 7×6 grid
+    assert count == rows.shape[0] == 2 * 7 * 6
+    torch.testing.assert_close(total.view(19, 19) / count, covariance(rows), rtol=0, atol=1e-12)
