@@ -46,6 +46,10 @@ EIGEN_EXP_AVG = "eigen_exp_avg"
 EIGEN_EXP_AVG_SQ = "eigen_exp_avg_sq"
 EIGEN_REFRESHED_AT = "eigenbasis_factor_updates"
 """``factor_updates`` when the eigenbasis was last computed (refresh only after a fold)."""
+_STATS_DTYPE_KEYS = frozenset(
+    (FACTOR_H, FACTOR_S, EIGENBASIS_H, EIGENBASIS_S, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ)
+)
+"""State kept in the statistics dtype (>= float32), whatever the parameter's dtype."""
 GLOBAL = "adafisher"
 GLOBAL_STEPS = "steps"
 GLOBAL_SKIPPED = "skipped_statistics"
@@ -181,6 +185,8 @@ class AdaFisher(Optimizer):
         self._pending_check: tuple[list[str], Tensor, Any] | None = None
         self.statistics_grad_scale: float | Tensor = 1.0
         """Loss scale the gradients ``G`` carry (AMP); ``s`` is divided by its square."""
+        self._loaded_factors: list[tuple[int, int, str, Tensor]] = []
+        self.register_load_state_dict_pre_hook(AdaFisher._before_load_state_dict)
         self.register_load_state_dict_post_hook(AdaFisher._after_load_state_dict)
         self.register_state_dict_pre_hook(AdaFisher._before_state_dict)
         self.register_state_dict_post_hook(AdaFisher._copy_global_state)
@@ -765,16 +771,28 @@ class AdaFisher(Optimizer):
             state_dict["state"][GLOBAL] = copy.deepcopy(state_dict["state"][GLOBAL])
         return state_dict
 
+    @staticmethod
+    def _before_load_state_dict(self: AdaFisher, state_dict: dict[str, Any]) -> None:
+        # torch casts every floating state tensor to its parameter's dtype while loading; a
+        # bf16 model's float32 factors (and the eigen variant's bases and moments) would come
+        # back rounded to bf16. Keep the saved tensors to restore them after the load.
+        self._loaded_factors = []
+        saved_state = state_dict.get("state", {})
+        for g, group in enumerate(state_dict.get("param_groups", [])):
+            for j, index in enumerate(group["params"]):
+                for key, value in saved_state.get(index, {}).items():
+                    if key in _STATS_DTYPE_KEYS and isinstance(value, Tensor):
+                        self._loaded_factors.append((g, j, key, value))
+
     def _after_load_state_dict(self) -> None:
         self._pending_check = None  # flags of the replaced state
         if GLOBAL in self.state:
             self.state[GLOBAL] = copy.deepcopy(self.state[GLOBAL])  # type: ignore[index]
-        # torch casts floating state to the parameter's dtype; factors live in >= float32.
-        for p, state in self.state.items():
-            if isinstance(p, Tensor):
-                for key in (FACTOR_H, FACTOR_S, EIGENBASIS_H, EIGENBASIS_S, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ):
-                    if key in state:
-                        state[key] = state[key].to(fn.stats_dtype(p.dtype))
+        # Factors live in >= float32: the saved tensors, not torch's casts to the parameter dtype.
+        loaded, self._loaded_factors = self._loaded_factors, []
+        for g, j, key, value in loaded:
+            p = self.param_groups[g]["params"][j]
+            self.state[p][key] = value.to(device=p.device, dtype=fn.stats_dtype(p.dtype), copy=True)
         self._normalised.clear()
         if self._collector is not None:
             self._collector.discard()

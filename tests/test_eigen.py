@@ -363,3 +363,20 @@ def test_large_conv_maps_use_an_evenly_strided_grid_of_positions():
     rows = input_rows(module, x).view(2, 20, 17, -1)[:, ::3, ::3].reshape(-1, 19)  # 7×6 grid
     assert count == rows.shape[0] == 2 * 7 * 6
     torch.testing.assert_close(total.view(19, 19) / count, covariance(rows), rtol=0, atol=1e-12)
+
+
+def test_bfloat16_model_keeps_float32_eigen_state_across_load_state_dict():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(torch.bfloat16)
+    opt = _make(AdaFisherW, net, lr=1e-2)
+    x = torch.randn(8, 4, dtype=torch.bfloat16)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).float().square().mean().backward()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    opt2 = _make(AdaFisherW, net, lr=1e-2)
+    opt2.load_state_dict(saved)
+    for key in ("factor_h", "factor_s", "eigenbasis_h", "eigenbasis_s", "eigen_exp_avg", "eigen_exp_avg_sq"):
+        before, after = opt.state[net[0].weight][key], opt2.state[net[0].weight][key]
+        assert after.dtype == torch.float32 and torch.equal(before, after), key

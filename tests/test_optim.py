@@ -188,7 +188,7 @@ def test_frozen_parameters_skipped():
         (dict(weight_decay=-1e-4), "Invalid weight_decay: -0.0001"),
         (dict(update_interval=0), "Invalid update_interval: 0"),
         (dict(update_interval=2.5), "Invalid update_interval: 2.5"),
-        (dict(variant="kfac"), "Invalid variant: 'kfac' (expected 'paper' or 'reference')"),
+        (dict(variant="kfac"), "Invalid variant: 'kfac' (expected 'paper', 'reference' or 'eigen')"),
     ],
 )
 def test_bad_hyperparameters_raise_with_the_value(kwargs, message):
@@ -449,3 +449,23 @@ def test_layers_of_different_dtypes_fold_in_separate_flat_batches():
     assert state_a["factor_h"].dtype == torch.float64 and state_b["factor_h"].dtype == torch.float32
     torch.testing.assert_close(state_a["factor_h"], h_a, rtol=1e-14, atol=0)
     torch.testing.assert_close(state_b["factor_h"], h_b, rtol=1e-6, atol=0)
+
+
+def test_bfloat16_model_keeps_its_float32_factors_bit_for_bit_across_load_state_dict():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(net, lr=1e-2)
+        opt2 = AdaFisherW(net, lr=1e-2)
+    x = torch.randn(8, 4, dtype=torch.bfloat16)
+    for _ in range(3):
+        opt.zero_grad()
+        net(x).float().square().mean().backward()
+        opt.step()
+    saved = opt.state_dict()
+    opt2.load_state_dict(saved)
+    for key in ("factor_h", "factor_s"):
+        before, after = opt.state[net[0].weight][key], opt2.state[net[0].weight][key]
+        assert after.dtype == torch.float32 and torch.equal(before, after), key
+        assert after.data_ptr() != before.data_ptr()  # a copy: the saved dict stays the caller's
