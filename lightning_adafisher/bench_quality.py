@@ -231,6 +231,27 @@ def _digits(name: str, epochs: int, subset: int | None) -> Task:
     )
 
 
+class _EncoderBlock(nn.Module):
+    """Pre-LN transformer encoder block with explicit ``nn.Linear`` projections (as most
+    hand-written ViTs and GPTs have; ``nn.MultiheadAttention`` applies its input projection
+    inside ``F.multi_head_attention_forward``, where no layer hook can see it)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.fc_out = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc_out(F.gelu(self.fc(self.norm2(x))))
+
+
 class ViT(nn.Module):
     """A small pre-LN vision transformer: linear patch embedding, learned positions, mean pool."""
 
@@ -239,10 +260,7 @@ class ViT(nn.Module):
         self.patch = patch
         self.embed = nn.Linear(patch * patch, d)
         self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2, d))
-        layer = lambda: nn.TransformerEncoderLayer(  # noqa: E731
-            d, heads, 2 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.blocks = nn.ModuleList(layer() for _ in range(depth))
+        self.blocks = nn.ModuleList(_EncoderBlock(d, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, classes)
 
