@@ -15,7 +15,6 @@ state lives in ``optimizer.state`` so ``state_dict()`` checkpoints it and Lightn
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -23,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_adafisher import eigen as eg
 from lightning_adafisher import functional as fn
+from lightning_adafisher.eigen_optim import EigenbasisSteps
 from lightning_adafisher.layers import LayerHelper, layer_helper_for
 from lightning_adafisher.statistics import BoundLayer, PendingStats, StatisticsCollector
 
@@ -32,31 +31,14 @@ __all__ = ["AdaFisher", "AdaFisherW", "VARIANTS"]
 
 VARIANTS = ("paper", "reference", "eigen")
 
-# State keys (named once, used everywhere).
-STEP = "step"
-EXP_AVG = "exp_avg"
-FACTOR_H = "factor_h"
-FACTOR_S = "factor_s"
-FACTOR_UPDATES = "factor_updates"
-EXP_AVG_SQ = "exp_avg_sq"
-"""Adam's second moment: the parameters ``variant="eigen"`` trains with Adam."""
-EIGENBASIS_H = "eigenbasis_h"
-EIGENBASIS_S = "eigenbasis_s"
-EIGEN_EXP_AVG = "eigen_exp_avg"
-EIGEN_EXP_AVG_SQ = "eigen_exp_avg_sq"
-EIGEN_REFRESHED_AT = "eigenbasis_factor_updates"
-"""``factor_updates`` when the eigenbasis was last computed (refresh only after a fold)."""
-_STATS_DTYPE_KEYS = frozenset(
-    (FACTOR_H, FACTOR_S, EIGENBASIS_H, EIGENBASIS_S, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ)
+from lightning_adafisher.state_keys import (  # noqa: E402  (re-exported: named once)
+    _STATS_DTYPE_KEYS, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
+    EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, STEP,
 )
-"""State kept in the statistics dtype (>= float32), whatever the parameter's dtype."""
-GLOBAL = "adafisher"
-GLOBAL_STEPS = "steps"
-GLOBAL_SKIPPED = "skipped_statistics"
 
-_SAME_IN_ALL_GROUPS = ("variant", "update_interval", "eigen_interval", "max_factor_size")
+_SAME_IN_ALL_GROUPS = ("variant", "update_interval", "eigen_interval", "max_factor_size", "gradient_factors")
 """Hyperparameters that fix the statistics' schedule and layout: one value for the optimizer."""
-_LATER_DEFAULTS = dict(beta2=0.95, eps=1e-8, eigen_interval=10, max_factor_size=2048)
+_LATER_DEFAULTS = dict(beta2=0.95, eps=1e-8, eigen_interval=10, max_factor_size=2048, gradient_factors=True)
 
 StatisticsReducer = Callable[[list[BoundLayer], dict[str, PendingStats]], dict[str, PendingStats]]
 
@@ -92,6 +74,8 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay: {wd}")
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise ValueError(f"Invalid update_interval: {interval!r} (expected an integer >= 1)")
+    if not isinstance(group.get("gradient_factors", True), bool):
+        raise ValueError(f"Invalid gradient_factors: {group['gradient_factors']!r} (expected True or False)")
     if not isinstance(group.get("fused", False), bool):
         raise ValueError(f"Invalid fused: {group['fused']!r} (expected True or False)")
     if variant not in VARIANTS:
@@ -110,7 +94,7 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError("Invalid fused: True is not supported with variant='eigen'")
 
 
-class AdaFisher(Optimizer):
+class AdaFisher(EigenbasisSteps, Optimizer):
     r"""AdaFisher: Adam's first moment preconditioned by a diagonal Kronecker-factored Fisher.
 
     Gomes, Zhang & Ebrahimi, *AdaFisher: Adaptive Second Order Optimization via Fisher
@@ -153,6 +137,7 @@ class AdaFisher(Optimizer):
         eps: float = 1e-8,
         eigen_interval: int = 10,
         max_factor_size: int = 2048,
+        gradient_factors: bool = True,
         *,
         foreach: bool | None = None,
         fused: bool = False,
@@ -164,12 +149,14 @@ class AdaFisher(Optimizer):
             lr=lr, beta=beta, gamma=gamma, damping=damping, weight_decay=weight_decay,
             update_interval=update_interval, variant=variant, beta2=beta2, eps=eps,
             eigen_interval=eigen_interval, max_factor_size=max_factor_size,
-            foreach=foreach, fused=fused,
+            gradient_factors=gradient_factors, foreach=foreach, fused=fused,
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
         self._collector: StatisticsCollector | None = None
         self._binding: dict[int, tuple[BoundLayer, str]] = {}
+        self._gradient_factored = None  # eigen variant: found at the first step after (re)binding
+        self._parameter_names: dict[int, str] = {}
         self._normalised: dict[int, tuple[Tensor, Tensor]] = {}
         self._ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._layouts: dict[tuple[tuple[int, ...], torch.device], tuple[fn.Segments, fn.Segments]] = {}
@@ -210,6 +197,7 @@ class AdaFisher(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        self._gradient_factored = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -299,6 +287,8 @@ class AdaFisher(Optimizer):
                 stacklevel=2,
             )
         self._binding = {id(p): (layer, role) for layer in layers for role, p in layer.params.items()}
+        self._parameter_names = names
+        self._gradient_factored = None
         self._collector = StatisticsCollector(layers, self.variant)
         self._collector.active = self._is_statistics_step(self._steps_taken() + 1)
         self._collector.install()
@@ -310,6 +300,7 @@ class AdaFisher(Optimizer):
             self._collector.remove()
         self._collector = None
         self._binding = {}
+        self._gradient_factored = None
         self._workspace = {}
 
     # --- the step ---------------------------------------------------------------------------
@@ -337,15 +328,15 @@ class AdaFisher(Optimizer):
         t = glob[GLOBAL_STEPS] + 1
         eigen = self.variant == "eigen"
         if self._collector is None:
-            if not eigen:
-                self._warn_unattached()
+            self._warn_unattached()
+            if eigen and self._is_statistics_step(t):
+                self._fold_eigen([], {})  # gradient-factored parameters only
         elif self._is_statistics_step(t):
             self._fold(self._collector.consume(), t)
         else:
             self._collector.discard()
         if eigen:
-            if self._collector is not None:
-                self._refresh_eigenbases(t)
+            self._refresh_eigenbases(t)
             self._update_eigen()
         else:
             for group in self.param_groups:
@@ -440,174 +431,6 @@ class AdaFisher(Optimizer):
             self._normalised[id(layer.primary)] = (norm_parts[2 * k], norm_parts[2 * k + 1])
         return ok_layer
 
-    # --- the eigenbasis variant ---------------------------------------------------------------
-
-    def _fold_eigen(self, layers: list[BoundLayer], pending: dict[str, PendingStats]) -> None:
-        """EMA of each layer's full factors ``A`` (``factor_h``) and ``G`` (``factor_s``)."""
-        gamma_of = {id(p): group["gamma"] for group in self.param_groups for p in group["params"]}
-        scale = self.statistics_grad_scale
-        names: list[str] = []
-        flags: list[Tensor] = []
-        for layer in layers:
-            stats = pending.get(layer.name)
-            if stats is None or not stats.complete:
-                continue
-            assert stats.h_total is not None and stats.s_total is not None and layer.eigen_sides
-            state = self.state[layer.primary]
-            a = stats.h_total / stats.h_count
-            g = stats.s_total / stats.s_count
-            if isinstance(scale, Tensor) or scale != 1.0:
-                g = g / (scale * scale)
-            # one reduction per factor: a sum holding inf/NaN is not finite (an overflow of the
-            # sum itself, past 3e38, would mean statistics no fold should take either)
-            ok = torch.isfinite(a.sum() + g.sum())
-            gamma = gamma_of[id(layer.primary)]
-            n_h, n_s = layer.helper.factor_sizes(layer.module)
-            if layer.eigen_sides[0]:
-                a = a.view(n_h, n_h)
-                if n_h > self._eigen_columns(layer):  # a frozen bias: drop its ones entry
-                    a = a[:-1, :-1]
-                state[FACTOR_H] = eg.fold_covariance(state.get(FACTOR_H), a, gamma, ok)
-            if layer.eigen_sides[1]:
-                state[FACTOR_S] = eg.fold_covariance(state.get(FACTOR_S), g.view(n_s, n_s), gamma, ok)
-            state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
-            names.append(layer.name)
-            flags.append(ok.reshape(1))
-        self._report_skipped(names, flags)
-        if not self._checked_first_statistics:
-            self._checked_first_statistics = True
-            seen = set(names)
-            missing = [layer.name for layer in layers if layer.name not in seen]
-            if missing:
-                warnings.warn(
-                    "AdaFisher: these layers received no statistics on the first statistics step "
-                    "and are trained by Adam in their own basis until they do (not called "
-                    "through their forward, outside training mode, or no gradient reached "
-                    f"them): {', '.join(missing)}",
-                    stacklevel=3,
-                )
-
-    @staticmethod
-    def _eigen_columns(layer: BoundLayer) -> int:
-        """``n_h'``: input-side size of the layer's matrix (the bias column only if trained)."""
-        n_h, _ = layer.helper.factor_sizes(layer.module)
-        has_bias_entry = getattr(layer.module, "bias", None) is not None
-        return n_h - (has_bias_entry and "bias" not in layer.params)
-
-    def _refresh_eigenbases(self, t: int) -> None:
-        """Recompute the eigenbasis of every layer whose factors were folded since its last
-        refresh, on steps ``t`` with ``(t − 1) % eigen_interval == 0`` (at once for a layer
-        that has none yet); re-express its first moment in the new basis."""
-        assert self._collector is not None
-        due = (t - 1) % self.param_groups[0]["eigen_interval"] == 0
-        failed: list[str] = []
-        for layer in self._collector.layers:
-            state = self.state[layer.primary]
-            updates = state.get(FACTOR_UPDATES, 0)
-            if updates == 0 or updates == state.get(EIGEN_REFRESHED_AT, 0):
-                continue
-            if not due and (EIGENBASIS_H in state or EIGENBASIS_S in state):
-                continue
-            new: dict[str, Tensor | None] = {}
-            for key, basis in ((FACTOR_H, EIGENBASIS_H), (FACTOR_S, EIGENBASIS_S)):
-                if key not in state:
-                    new[basis] = None
-                    continue
-                q, ok = eg.eigenbasis(state[key], state.get(basis))
-                if not ok:
-                    failed.append(f"{layer.name}.{key}")
-                new[basis] = q
-            if EIGEN_EXP_AVG in state:
-                state[EIGEN_EXP_AVG] = eg.change_basis(
-                    state[EIGEN_EXP_AVG], state.get(EIGENBASIS_S), new[EIGENBASIS_S],
-                    state.get(EIGENBASIS_H), new[EIGENBASIS_H],
-                )
-            for basis, q in new.items():
-                if q is not None:
-                    state[basis] = q
-            state[EIGEN_REFRESHED_AT] = updates
-        if failed:
-            eg.warn_eigh_failed(failed)
-
-    def _update_eigen(self) -> None:
-        """One step of every parameter: Adam in the eigenbasis for the layers bound to one,
-        Adam for the rest (per param group)."""
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        done: set[int] = set()
-        if self._collector is not None:
-            for layer in self._collector.layers:
-                roles = {r: p for r, p in layer.params.items() if id(p) in group_of}
-                done.update(id(p) for p in roles.values())
-                if any(p.grad is not None for p in roles.values()):
-                    self._eigen_layer_step(layer, roles, group_of)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and id(p) not in done]
-            self._adam_step(group, params)
-
-    def _eigen_layer_step(
-        self, layer: BoundLayer, roles: dict[str, Tensor], group_of: dict[int, dict[str, Any]]
-    ) -> None:
-        primary = layer.primary
-        state = self.state[primary]
-        first = group_of[id(primary)]
-        dtype = fn.stats_dtype(primary.dtype)
-        grads: dict[str, Tensor] = {}
-        for role, p in roles.items():
-            if p.grad is not None and p.grad.is_sparse:
-                raise RuntimeError("AdaFisher does not support sparse gradients")
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            wd = group_of[id(p)]["weight_decay"]
-            if not self._decoupled and wd != 0 and p.grad is not None:
-                g = g.add(p, alpha=wd)
-            grads[role] = g.to(dtype)
-        matrix = layer.helper.grad_matrix(layer.module, grads)
-        q_h, q_s = state.get(EIGENBASIS_H), state.get(EIGENBASIS_S)
-        rotated = eg.rotate_in(matrix, q_s, q_h)
-        if STEP not in state:
-            state[STEP] = 0
-            state[EIGEN_EXP_AVG] = torch.zeros_like(rotated)
-            state[EIGEN_EXP_AVG_SQ] = torch.zeros_like(rotated)
-        state[STEP] += 1
-        direction = eg.eigen_adam_moments(
-            rotated, state[EIGEN_EXP_AVG], state[EIGEN_EXP_AVG_SQ], state[STEP],
-            first["beta"], first["beta2"], first["eps"],
-        )
-        parts = layer.helper.split_matrix(layer.module, eg.rotate_out(direction, q_s, q_h), roles)
-        for role, p in roles.items():
-            if p.grad is None:
-                continue
-            group = group_of[id(p)]
-            lr, wd = group["lr"], group["weight_decay"]
-            if self._decoupled and wd != 0:
-                p.mul_(1.0 - lr * wd)
-            p.add_(parts[role].to(p.dtype), alpha=-lr)
-
-    def _adam_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Adam (AdamW when decoupled) for the parameters without an eigenbasis layer."""
-        beta1, beta2, eps = group["beta"], group["beta2"], group["eps"]
-        lr, wd = group["lr"], group["weight_decay"]
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError("AdaFisher does not support sparse gradients")
-            state = self.state[p]
-            if STEP not in state:
-                state[STEP] = 0
-                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state[STEP] += 1
-            g = p.grad
-            if wd != 0:
-                if self._decoupled:
-                    p.mul_(1.0 - lr * wd)
-                else:
-                    g = g.add(p, alpha=wd)
-            t = state[STEP]
-            m, v = state[EXP_AVG], state[EXP_AVG_SQ]
-            m.lerp_(g, 1.0 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
-
     def _segments_for(
         self, lengths: tuple[int, ...], device: torch.device
     ) -> tuple[fn.Segments, fn.Segments]:
@@ -673,10 +496,15 @@ class AdaFisher(Optimizer):
     def _warn_unattached(self) -> None:
         if not self._warned_unattached:
             self._warned_unattached = True
+            what = (
+                "so no layer gets factors from its inputs (matrix-shaped parameters get them "
+                "from their gradients, the rest are trained by Adam)"
+                if self.variant == "eigen" else "so every parameter uses the identity preconditioner"
+            )
             warnings.warn(
-                "AdaFisher has no statistics hooks, so every parameter uses the identity "
-                "preconditioner: pass the model (AdaFisher(model)), call optimizer.attach(model), "
-                "or add lightning_adafisher.AdaFisherCallback to the Trainer",
+                f"AdaFisher has no statistics hooks, {what}: pass the model (AdaFisher(model)), "
+                "call optimizer.attach(model), or add lightning_adafisher.AdaFisherCallback to "
+                "the Trainer",
                 stacklevel=3,
             )
 

@@ -42,7 +42,7 @@ class ReferenceEigen:
     def __init__(
         self, model: nn.Module, *, lr: float, beta: float, beta2: float, eps: float, gamma: float,
         weight_decay: float, update_interval: int, eigen_interval: int, decoupled: bool,
-        max_factor_size: int = 10**9,
+        max_factor_size: int = 10**9, gradient_factors: bool = True,
     ) -> None:
         self.model = model
         self.lr, self.b1, self.b2, self.eps, self.gamma, self.wd = lr, beta, beta2, eps, gamma, weight_decay
@@ -56,6 +56,15 @@ class ReferenceEigen:
                 sides = (n_h <= max_factor_size, n_s <= max_factor_size)
                 if any(sides):
                     self.layers[name], self.sides[name] = m, sides
+        owned = {f"{name}.{role}" if name else role for name in self.layers for role in ("weight", "bias")}
+        self.matrices: dict[str, tuple[int, int]] = {}
+        """Gradient-factored parameters: their matrix shape (singleton dims dropped)."""
+        for pname, p in model.named_parameters():
+            dims = [d for d in p.shape if d != 1]
+            if gradient_factors and pname not in owned and len(dims) == 2:
+                sides = (dims[1] <= max_factor_size, dims[0] <= max_factor_size)
+                if any(sides):
+                    self.matrices[pname], self.sides[pname] = (dims[0], dims[1]), sides
         self.A: dict[str, Tensor] = {}
         self.G: dict[str, Tensor] = {}
         self.QA: dict[str, Tensor] = {}
@@ -95,6 +104,14 @@ class ReferenceEigen:
                     g = self.gamma * self.G[name] + (1 - self.gamma) * g
                 self.A[name], self.G[name] = a, g
                 self.folds[name] = self.folds.get(name, 0) + 1
+            for pname, shape in self.matrices.items():
+                m = pgrads[pname].reshape(shape)
+                a, g = m.T @ m, m @ m.T
+                if pname in self.A:
+                    a = self.gamma * self.A[pname] + (1 - self.gamma) * a
+                    g = self.gamma * self.G[pname] + (1 - self.gamma) * g
+                self.A[pname], self.G[pname] = a, g
+                self.folds[pname] = self.folds.get(pname, 0) + 1
         due = (self.t - 1) % self.eigen_interval == 0
         for name in self.A:
             if self.folds[name] == self.refreshed_at.get(name, 0):
@@ -116,6 +133,11 @@ class ReferenceEigen:
             for name, module in self.layers.items():
                 self._layer(name, module, pgrads)
                 done.update(f"{name}.{role}" if name else role for role in ("weight", "bias"))
+            for pname, shape in self.matrices.items():
+                p = params[pname]
+                grad = pgrads[pname] if self.decoupled else pgrads[pname] + self.wd * p
+                self._apply(p, self._rotated_adam(pname, grad.reshape(shape)).reshape(p.shape))
+                done.add(pname)
             for pname, p in params.items():
                 if pname not in done:
                     self._adam(pname, p, pgrads[pname])
@@ -131,7 +153,13 @@ class ReferenceEigen:
             if not self.decoupled:
                 gb = gb + self.wd * module.bias
             cols.append(gb.reshape(-1, 1))
-        grad = torch.cat(cols, 1)
+        d = self._rotated_adam(name, torch.cat(cols, 1))
+        n_w = w[0].numel()
+        self._apply(w, d[:, :n_w].reshape(w.shape))
+        if module.bias is not None:
+            self._apply(module.bias, d[:, n_w])
+
+    def _rotated_adam(self, name: str, grad: Tensor) -> Tensor:
         n_s, n_h = grad.shape
         qa = self.QA.get(name, torch.eye(n_h, dtype=torch.float64))
         qg = self.QG.get(name, torch.eye(n_s, dtype=torch.float64))
@@ -142,11 +170,7 @@ class ReferenceEigen:
         st["m"] = self.b1 * st["m"] + (1 - self.b1) * r
         st["v"] = self.b2 * st["v"] + (1 - self.b2) * r * r
         u = (st["m"] / (1 - self.b1**t)) / ((st["v"] / (1 - self.b2**t)).sqrt() + self.eps)
-        d = qg @ u @ qa.T
-        n_w = w[0].numel()
-        self._apply(w, d[:, :n_w].reshape(w.shape))
-        if module.bias is not None:
-            self._apply(module.bias, d[:, n_w])
+        return qg @ u @ qa.T
 
     def _apply(self, p: Tensor, d: Tensor) -> None:
         if self.decoupled:
