@@ -33,8 +33,9 @@ class AdaFisherMixin:
 
     Args:
         lr, beta, gamma, damping, weight_decay, update_interval, variant, beta2, eps,
-            eigen_interval, max_factor_size: AdaFisherW's hyperparameters (see
-            :class:`~lightning_adafisher.AdaFisherW`; the last four are ``variant="eigen"``'s).
+            eigen_interval, max_factor_size, gradient_factors: AdaFisherW's hyperparameters
+            (see :class:`~lightning_adafisher.AdaFisherW`; the last five are
+            ``variant="eigen"``'s).
         no_decay_bias_and_norm: put biases and normalisation-layer parameters in a second
             param group with ``weight_decay=0``.
         scheduler: ``"cosine"`` (per optimizer step, down to 0 over
@@ -55,6 +56,7 @@ class AdaFisherMixin:
         eps: float = 1e-8,
         eigen_interval: int = 10,
         max_factor_size: int = 2048,
+        gradient_factors: bool = True,
         no_decay_bias_and_norm: bool = False,
         scheduler: str = "cosine",
         **kwargs: Any,
@@ -66,6 +68,7 @@ class AdaFisherMixin:
             lr=lr, beta=beta, gamma=gamma, damping=damping, weight_decay=weight_decay,
             update_interval=update_interval, variant=variant, beta2=beta2, eps=eps,
             eigen_interval=eigen_interval, max_factor_size=max_factor_size,
+            gradient_factors=gradient_factors,
         )
         self.no_decay_bias_and_norm = no_decay_bias_and_norm
         self.scheduler_name = scheduler
