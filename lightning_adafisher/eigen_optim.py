@@ -16,7 +16,6 @@ exact numerics in ``docs/numerics.md``. Three kinds of parameters:
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -130,18 +129,7 @@ class EigenbasisSteps:
             flags.append(self._fold_pair(unit.param, right, left, gamma_of[id(unit.param)]))
             names.append(unit.name)
         self._report_skipped(names, flags)
-        if not self._checked_first_statistics:
-            self._checked_first_statistics = True
-            seen = set(names)
-            missing = [layer.name for layer in layers if layer.name not in seen]
-            if missing:
-                warnings.warn(
-                    "AdaFisher: these layers received no statistics on the first statistics step "
-                    "and are trained by Adam in their own basis until they do (not called "
-                    "through their forward, outside training mode, or no gradient reached "
-                    f"them): {', '.join(missing)}",
-                    stacklevel=4,
-                )
+        self._check_first_statistics(layers, names, "are trained by Adam in their own basis")
 
     def _fold_pair(self, primary: Tensor, a: Tensor | None, g: Tensor | None, gamma: float) -> Tensor:
         state = self.state[primary]

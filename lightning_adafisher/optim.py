@@ -375,17 +375,22 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             flags.append(self._fold_batch(batch, device, dtype, gamma_of))
             names += [layer.name for layer, _ in batch]
         self._report_skipped(names, flags)
-        if not self._checked_first_statistics:
-            self._checked_first_statistics = True
-            seen = set(names)
-            missing = [layer.name for layer in layers if layer.name not in seen]
-            if missing:
-                warnings.warn(
-                    "AdaFisher: these layers received no statistics on the first statistics step "
-                    "and keep the identity until they do (not called through their forward, "
-                    f"outside training mode, or no gradient reached them): {', '.join(missing)}",
-                    stacklevel=3,
-                )
+        self._check_first_statistics(layers, names, "keep the identity")
+
+    def _check_first_statistics(self, layers: list[BoundLayer], names: list[str], meanwhile: str) -> None:
+        """Warn once, on the first statistics step, naming the layers that got none."""
+        if self._checked_first_statistics:
+            return
+        self._checked_first_statistics = True
+        seen = set(names)
+        missing = [layer.name for layer in layers if layer.name not in seen]
+        if missing:
+            warnings.warn(
+                "AdaFisher: these layers received no statistics on the first statistics step "
+                f"and {meanwhile} until they do (not called through their forward, outside "
+                f"training mode, or no gradient reached them): {', '.join(missing)}",
+                stacklevel=4,
+            )
 
     def _fold_batch(
         self, batch: list[tuple[BoundLayer, PendingStats]], device: torch.device,
