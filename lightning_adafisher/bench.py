@@ -144,13 +144,15 @@ def speed(
     context: int = 64,
     fused: bool = False,
     peers: bool = True,
+    only: list[str] | None = None,
 ) -> dict:
     """Run the benchmark at one batch size and return its results (see module docstring).
 
     ``model_name``: ``resnet18`` (torchvision's, ImageNet stem), ``cifar_resnet18`` (the recipes'),
     ``resnet50``/``tiny`` (images ``image_size``², 10 classes, fused Adam
     baseline) or ``gpt``/``gpt_tiny`` (``context`` tokens of a 512-token vocabulary, next-token
-    loss, fused AdamW baseline).
+    loss, fused AdamW baseline). ``only``: time just these optimizers (the baseline is always
+    timed, first).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -172,7 +174,14 @@ def speed(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         step_seconds: dict[str, list[float]] = {}
-        for name, make in _optimizers(language, fused).items():
+        rows = _optimizers(language, fused)
+        if only:
+            unknown = sorted(set(only) - set(rows))
+            if unknown:
+                raise ValueError(f"Invalid --only: {unknown} (expected names from {', '.join(rows)})")
+            first = next(iter(rows))
+            rows = {name: make for name, make in rows.items() if name == first or name in only}
+        for name, make in rows.items():
             model = copy.deepcopy(base)
             opt = make(model)
             step_seconds[name] = []
@@ -348,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time AdaFisher(fused=True) (compiles on the first step)")
     sp.add_argument("--no-peers", dest="peers", action="store_false",
                     help="skip the installed second-order peers (pytorch-optimizer, asdfghjkl)")
+    sp.add_argument("--only", type=lambda text: [v for v in text.split(",") if v], default=None,
+                    help="time just these optimizers, comma-separated (the baseline always)")
     sp.add_argument("--out", default="bench_speed.json", help="where to write the JSON")
     qp = sub.add_parser("quality", help="optimizer quality on offline data (bench_quality)")
     from lightning_adafisher import bench_quality
@@ -370,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         result = speed(
             args.model, size, args.image_size, args.repeats, args.warmup,
             args.device, args.threads, context=args.context, fused=args.fused, peers=args.peers,
+            only=args.only,
         )
         _print_table(result)
         results.append(result)

@@ -189,3 +189,12 @@ def test_updates_reports_rms_and_spread_per_layer_type(tmp_path, capsys):
     # Adam's first steps move every entry by about lr: Δp/lr has RMS near (and below) 1
     assert all(0.3 < kind["rms"] <= 1.0 for kind in cnn["adamw"].values())
     assert "| adafisherw_paper_k1 |" in capsys.readouterr().out
+
+
+def test_speed_only_times_the_named_optimizers_and_the_baseline(tmp_path):
+    bench.main(_speed_args(tmp_path, "--model", "tiny", "--batch-size", "4", "--image-size", "8",
+                           "--no-peers", "--only", "adafisherw_eigen_k10"))
+    names = [row["optimizer"] for row in json.loads((tmp_path / "speed.json").read_text())["rows"]]
+    assert names == ["adam_fused", "adafisherw_eigen_k10", "fwd_bwd_only"]
+    with pytest.raises(ValueError, match=r"Invalid --only: \['nope'\]"):
+        bench.main(_speed_args(tmp_path, "--model", "tiny", "--only", "nope"))
