@@ -41,7 +41,7 @@ def small_cnn() -> nn.Module:
 
 def train(
     optimizer: str = "adafisherw", epochs: int = 10, batch_size: int = 64, seed: int = 0,
-    lr: float = 1e-3, variant: str = "paper", update_interval: int = 1,
+    lr: float | None = None, variant: str = "eigen", update_interval: int = 1,
 ) -> float:
     """Train the small CNN and return its test accuracy."""
     torch.manual_seed(seed)
@@ -52,7 +52,7 @@ def train(
             model, lr=lr, weight_decay=5e-4, variant=variant, update_interval=update_interval
         )
     elif optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3 if lr is None else lr, weight_decay=5e-4)
     else:
         raise ValueError(f"Invalid optimizer: {optimizer!r} (expected 'adafisherw' or 'adamw')")
     g = torch.Generator().manual_seed(seed)

@@ -30,6 +30,10 @@ from lightning_adafisher.statistics import BoundLayer, PendingStats, StatisticsC
 __all__ = ["AdaFisher", "AdaFisherW", "VARIANTS"]
 
 VARIANTS = ("paper", "reference", "eigen")
+DEFAULT_LR = {"eigen": 3e-3, "paper": 1e-3, "reference": 1e-3}
+"""``lr=None`` means this, per variant: the paper's 1e-3 for its variants; for the eigenbasis
+variant (Adam-like steps) the value that beat tuned AdamW on every workload of ``bench quality``
+untuned (docs/benchmarks.md)."""
 
 from lightning_adafisher.state_keys import (  # noqa: E402  (re-exported: named once)
     _STATS_DTYPE_KEYS, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
@@ -95,27 +99,49 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
 
 
 class AdaFisher(EigenbasisSteps, Optimizer):
-    r"""AdaFisher: Adam's first moment preconditioned by a diagonal Kronecker-factored Fisher.
+    r"""AdaFisher: Adam preconditioned by AdaFisher's Kronecker-factored Fisher.
 
     Gomes, Zhang & Ebrahimi, *AdaFisher: Adaptive Second Order Optimization via Fisher
-    Information*, ICLR 2025. Numerics as fixed in ``SPEC.md`` §2–4.
+    Information*, ICLR 2025. Three variants (exact numerics: ``docs/numerics.md``):
+
+    * ``"eigen"`` (default): Adam run in the eigenbasis of the *full* Kronecker factors
+      ``A = E[ā āᵀ]``, ``G = E[g gᵀ]`` of every Linear, ``Conv1D`` and Conv2d layer (matrix-shaped
+      parameters outside them get the factors of their own gradient; the rest, Adam). Not in
+      the paper; it is the variant that beats tuned AdamW (``docs/benchmarks.md``).
+    * ``"paper"``: the paper's algorithm (Eq. 3–4), Adam's first moment divided by the
+      min-max-normalised diagonal factors, as below.
+    * ``"reference"``: the authors' released code, numerically.
     {algorithm}
+    ``variant="eigen"``, per layer with gradient matrix ``∇W`` and factors folded like ``H``,
+    ``S`` above but in full (``A ← γA + (1−γ)a``)::
+
+        every eigen_interval steps: Q_A, Q_G ← eigenvectors of A, G;  m ← re-expressed
+        R ← Q_Gᵀ ∇W Q_A;  m ← βm + (1−β)R;  v ← β₂v + (1−β₂)R∘R
+        W ← W − α·(Q_G [m̂ / (√v̂ + ε)] Q_Aᵀ {eigen_decay})
 
     Args:
         params: an ``nn.Module`` (its statistics hooks are installed now) or an iterable of
             parameters / param groups (call :meth:`attach` or use ``AdaFisherCallback``).
-        lr: learning rate ``α``.
+        lr: learning rate ``α`` (default ``None``: 3e-3 for ``"eigen"``, 1e-3 for the others).
         beta: decay of the first moment ``β``.
         gamma: decay of the Kronecker factors ``γ`` (paper 0.92, released code 0.8).
-        damping: Tikhonov damping ``λ`` added to the Fisher diagonal.
+        damping: Tikhonov damping ``λ`` added to the Fisher diagonal (not used by ``"eigen"``).
         weight_decay: ``κ``; {decay_doc}
         update_interval: statistics are gathered and folded on steps ``t`` with
             ``(t − 1) % update_interval == 0``; in between the factors are reused.
-        variant: ``"paper"`` (Eq. 3–4 of the paper) or ``"reference"`` (the authors' code).
+        variant: ``"eigen"``, ``"paper"`` (Eq. 3–4 of the paper) or ``"reference"`` (the
+            authors' code).
+        beta2: ``"eigen"``: decay of the second moment ``β₂`` (in the eigenbasis).
+        eps: ``"eigen"``: ``ε`` added to ``√v̂``.
+        eigen_interval: ``"eigen"``: the eigenbases are recomputed on steps ``t`` with
+            ``(t − 1) % eigen_interval == 0`` (from the factors folded since the last time).
+        max_factor_size: ``"eigen"``: a side longer than this keeps the identity (Adam there).
+        gradient_factors: ``"eigen"``: matrix-shaped parameters outside supported layers
+            (embeddings, a tied head) get factors from their own gradient; ``False``: Adam.
         foreach: use the multi-tensor update (default: on CUDA only, as torch does).
         fused: update the whole param group in one compiled call, one pass per parameter
-            (``torch.compile``; the first step compiles: ~15 s for ResNet-18, ~80 s for
-            ResNet-50 on a 2-core CPU; a new set of parameter shapes recompiles). Opt-in; see ``docs/performance.md`` for its cost and gain.
+            (``torch.compile``; the first step compiles; a new set of parameter shapes
+            recompiles). Paper and reference variants only; see ``docs/performance.md``.
 
     Non-finite *gradients* are left to the caller, as with every ``torch.optim`` optimizer
     (``GradScaler`` skips such steps); non-finite *statistics* never reach the factors.
@@ -126,13 +152,13 @@ class AdaFisher(EigenbasisSteps, Optimizer):
     def __init__(
         self,
         params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | None = None,
         beta: float = 0.9,
         gamma: float = 0.92,
         damping: float = 1e-3,
         weight_decay: float = 0.0,
         update_interval: int = 1,
-        variant: str = "paper",
+        variant: str = "eigen",
         beta2: float = 0.95,
         eps: float = 1e-8,
         eigen_interval: int = 10,
@@ -145,6 +171,8 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
             params = [p for p in model.parameters() if p.requires_grad]
+        if lr is None:
+            lr = DEFAULT_LR.get(variant, DEFAULT_LR["paper"])
         defaults = dict(
             lr=lr, beta=beta, gamma=gamma, damping=damping, weight_decay=weight_decay,
             update_interval=update_interval, variant=variant, beta2=beta2, eps=eps,
@@ -643,9 +671,13 @@ class AdaFisherW(AdaFisher):
 AdaFisher.__doc__ = (AdaFisher.__doc__ or "").replace(
     "{algorithm}",
     _ALGORITHM.format(coupled_decay="g ← g + κp; ", update="(m / (1 − β^t)) / F"),
-).replace("{decay_doc}", "added to the gradient (L2, coupled).")
+).replace("{decay_doc}", "added to the gradient (L2, coupled).").replace(
+    " {eigen_decay}", ""  # coupled: κW is in ∇W
+)
 AdaFisherW.__doc__ = (AdaFisher.__doc__ or "").replace(
-    "AdaFisher: Adam's first moment", "AdaFisherW: AdamW's first moment"
+    "AdaFisher: Adam preconditioned", "AdaFisherW: AdamW preconditioned"
 ).replace("g ← g + κp; ", "").replace(
     "(m / (1 − β^t)) / F", "((m / (1 − β^t)) / F + κp)"
-).replace("added to the gradient (L2, coupled).", "decoupled, applied to the weights directly.")
+).replace("added to the gradient (L2, coupled).", "decoupled, applied to the weights directly.").replace(
+    "Q_Aᵀ)", "Q_Aᵀ + κW)"
+)

@@ -177,6 +177,7 @@ def gpt(dataset: str, opt: str) -> tuple[str, str]:
             ("gamma", "0.92", "float: factor EMA decay"),
             ("damping", "0.001", "float: Tikhonov damping λ"),
             ("update_interval", "1", "int: statistics every step"),
+            ("variant", "paper", "str: the paper's algorithm (Eq. 3-4)"),
         ]
     elif opt == "adafisherw_eigen":
         class_path, lr, epochs = "lightning_adafisher.AdaFisherW", "0.0001", 50
@@ -232,10 +233,10 @@ def quickstart(opt: str) -> tuple[str, str]:
     if opt == "adafisherw":
         path, class_path = "recipes/quickstart.yaml", "lightning_adafisher.AdaFisherW"
         args = [
-            ("lr", "0.001", "float: the paper's default (Algorithm 1)"),
+            ("lr", "0.003", "float: the eigen variant's default"),
             ("gamma", "0.92", "float: factor EMA decay"),
-            ("damping", "0.001", "float: Tikhonov damping λ"),
             ("update_interval", "1", "int: statistics every step"),
+            ("variant", "eigen", "str: eigen (default) | paper (Eq. 3-4) | reference"),
         ]
     else:
         path, class_path = "recipes/quickstart_adamw.yaml", "torch.optim.AdamW"

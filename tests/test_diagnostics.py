@@ -240,7 +240,7 @@ def test_adafisher_state_diagonal_rescales_to_the_kronecker_diagonal_of_its_batc
     x = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (5,), generator=g)
     expected = tf.kronecker_fisher_diagonal(copy.deepcopy(model), x, y.unsqueeze(0))
-    opt = AdaFisher(model, lr=1e-3)
+    opt = AdaFisher(model, lr=1e-3, variant="paper")
     F.cross_entropy(model(x), y).backward()
     opt.step()  # first statistics step: H ← h, S ← s of this batch
     got = tf.adafisher_fisher_diagonal(opt, model, batch_size=5, x_example=x[:1])
@@ -276,7 +276,7 @@ def test_trajectories_share_their_first_point_and_record_every_epoch():
             tr.iris_mlp,
             {"Adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
              "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=1e-2),
-             "AdaFisher": lambda m: AdaFisher(m, lr=1e-3)},
+             "AdaFisher": lambda m: AdaFisher(m, lr=1e-3, variant="paper")},
             "0.weight", x, y, epochs=3, batch_size=8, seed=5,
         )
     torch.manual_seed(5)
@@ -365,7 +365,7 @@ def _fit_with_histograms(tmp_path, optimizer: str, logger):
                 return torch.optim.Adam(self.parameters(), lr=1e-2)
             if optimizer == "sgd":
                 return torch.optim.SGD(self.parameters(), lr=1e-2)
-            return AdaFisher(self.parameters(), lr=1e-2)
+            return AdaFisher(self.parameters(), lr=1e-2, variant="paper")
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))

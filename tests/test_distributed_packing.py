@@ -33,7 +33,7 @@ def test_layer_unused_on_one_rank_pools_over_the_ranks_that_used_it():
     model = TwoBranch().double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisherW(model)
+        opt = AdaFisherW(model, variant="paper")
     layers = opt.collector.layers
     x0, x1 = torch.randn(5, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
     rank0 = _pending(model, opt, x0, use_b=False)  # rank 0 uses only a
@@ -52,7 +52,7 @@ def test_reducer_divides_s_by_world_size_squared():
     model = TwoBranch().double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisherW(model)
+        opt = AdaFisherW(model, variant="paper")
     pending = _pending(model, opt, torch.randn(6, 4, dtype=torch.float64), use_b=False)
     fake_two_ranks = make_reducer(lambda t: t * 2, torch.device("cpu"), world_size=2)
     reduced = fake_two_ranks(opt.collector.layers, pending)["a"]
@@ -67,7 +67,7 @@ def test_pack_then_unpack_returns_every_total_and_count_exactly():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisherW(model)
+        opt = AdaFisherW(model, variant="paper")
     F.cross_entropy(model(torch.randn(5, 3, 8, 8, dtype=torch.float64)), torch.tensor([0, 1, 2, 0, 1])).backward()
     pending = opt.collector.consume()
     layers = opt.collector.layers

@@ -93,7 +93,7 @@ def test_statistics_stay_float32_inside_autocast(backward_in_autocast, monkeypat
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
     x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 0, 1, 1])
-    opt = AdaFisher(model)
+    opt = AdaFisher(model, variant="paper")
     seen = {}
     model[0].register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach()))
     model[0].register_forward_hook(lambda m, a, o: o.register_hook(lambda g: seen.update(g=g.detach())) and None)

@@ -26,6 +26,7 @@ class EmbedNet(nn.Module):
 
 
 def _train(model, batches, **kw):
+    kw.setdefault("variant", "paper")  # this module tests the diagonal variants' helpers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = AdaFisherW(model, lr=0.02, weight_decay=0.01, **kw)
@@ -82,7 +83,7 @@ def test_openai_gpt_projections_get_factors():
     model = transformers.OpenAIGPTLMHeadModel(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisherW(model)
+        opt = AdaFisherW(model, variant="paper")
     bound = {layer.name for layer in opt.collector.layers}
     assert {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc"} <= bound
     assert "transformer.tokens_embed" in bound

@@ -31,6 +31,7 @@ def _batches(n, seed=1):
 
 
 def _run(opt_cls, model, batches, **kw):
+    kw.setdefault("variant", "paper")  # this module tests the diagonal variants
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the raw Parameter's identity warning is tested below
         opt = opt_cls(model, **kw)
@@ -92,7 +93,7 @@ def test_state_dict_round_trip_continues_identically(interval):
     resumed.load_state_dict(saved_model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt2 = AdaFisherW(resumed, update_interval=interval, weight_decay=0.01, **HP)
+        opt2 = AdaFisherW(resumed, update_interval=interval, weight_decay=0.01, variant="paper", **HP)
     opt2.load_state_dict(saved)
     for batch in batches[4:]:
         opt2.zero_grad()
@@ -127,7 +128,7 @@ def test_factors_live_in_state_of_each_layers_first_parameter():
 
 def test_hooks_fully_removed():
     model = make_mixed()
-    opt = AdaFisher(model.parameters(), **HP)
+    opt = AdaFisher(model.parameters(), variant="paper", **HP)
     before = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
     with pytest.warns(UserWarning, match="scale"):
         opt.attach(model)
@@ -143,12 +144,12 @@ def test_hooks_fully_removed():
 def test_identity_warning_names_the_parameters():
     model = make_mixed()
     with pytest.warns(UserWarning, match=r"1 parameter\(s\) have no supported layer .*: scale"):
-        AdaFisher(model)
+        AdaFisher(model, variant="paper")
 
 
 def test_unattached_optimizer_warns_once_and_uses_identity():
     lin = nn.Linear(3, 2)
-    opt = AdaFisher(lin.parameters(), lr=0.1)
+    opt = AdaFisher(lin.parameters(), lr=0.1, variant="paper")
     lin(torch.randn(4, 3)).sum().backward()
     before = lin.weight.detach().clone()
     with pytest.warns(UserWarning, match="no statistics hooks"):
@@ -164,7 +165,7 @@ def test_no_supported_layer_warns():
             self.w = nn.Parameter(torch.ones(3))
 
     with pytest.warns(UserWarning, match="Bare has no supported layer"):
-        AdaFisher(Bare())
+        AdaFisher(Bare(), variant="paper")
 
 
 def test_frozen_parameters_skipped():
@@ -172,7 +173,7 @@ def test_frozen_parameters_skipped():
     model.conv.requires_grad_(False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisher(model, **HP)
+        opt = AdaFisher(model, variant="paper", **HP)
     assert "conv" not in [layer.name for layer in opt.collector.layers]
     assert len(model.conv._forward_hooks) == 0
 
@@ -193,15 +194,15 @@ def test_frozen_parameters_skipped():
 )
 def test_bad_hyperparameters_raise_with_the_value(kwargs, message):
     with pytest.raises(ValueError) as err:
-        AdaFisher(nn.Linear(2, 2).parameters(), **kwargs)
+        AdaFisher(nn.Linear(2, 2).parameters(), **{"variant": "paper", **kwargs})
     assert message in str(err.value)
 
 
 def test_param_groups_must_share_variant_and_interval():
     lin = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="Invalid update_interval: 5 differs between param groups"):
-        AdaFisher([{"params": [lin.weight]}, {"params": [lin.bias], "update_interval": 5}])
-    opt = AdaFisher([{"params": [lin.weight]}, {"params": [lin.bias], "weight_decay": 0.0}], weight_decay=0.1)
+        AdaFisher([{"params": [lin.weight]}, {"params": [lin.bias], "update_interval": 5}], variant="paper")
+    opt = AdaFisher([{"params": [lin.weight]}, {"params": [lin.bias], "weight_decay": 0.0}], weight_decay=0.1, variant="paper")
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
@@ -209,19 +210,19 @@ def test_unsupported_padding_mode_is_refused():
     conv = nn.Conv2d(2, 2, 3)
     conv.padding_mode = "mirror"
     with pytest.raises(ValueError, match="Unsupported Conv2d padding_mode: 'mirror'"):
-        AdaFisher(conv)
+        AdaFisher(conv, variant="paper")
 
 
 def test_attach_twice_is_an_error():
     lin = nn.Linear(2, 2)
-    opt = AdaFisher(lin)
+    opt = AdaFisher(lin, variant="paper")
     with pytest.raises(RuntimeError, match="already attached"):
         opt.attach(lin)
 
 
 def test_closure_is_called_and_returned():
     lin = nn.Linear(3, 1)
-    opt = AdaFisher(lin)
+    opt = AdaFisher(lin, variant="paper")
     x = torch.randn(5, 3)
 
     def closure():
@@ -236,7 +237,7 @@ def test_closure_is_called_and_returned():
 
 def test_non_finite_statistics_leave_factors_unchanged_and_warn():
     lin = nn.Linear(3, 2).double()
-    opt = AdaFisher(lin, lr=0.1)
+    opt = AdaFisher(lin, lr=0.1, variant="paper")
     x = torch.randn(4, 3, dtype=torch.float64)
     lin(x).sum().backward()
     opt.step()
@@ -256,7 +257,7 @@ def test_parameters_without_gradient_are_left_alone():
     model = make_mixed()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisherW(model, weight_decay=0.5, **HP)
+        opt = AdaFisherW(model, weight_decay=0.5, variant="paper", **HP)
     before = model.scale.detach().clone()
     _loss(model, _batches(1)[0]).backward()
     model.scale.grad = None
@@ -275,7 +276,7 @@ def test_blocked_kron_update_is_bitwise_the_unblocked_one(monkeypatch):
         g = torch.Generator().manual_seed(1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = AdaFisher(model, lr=1e-2, weight_decay=0.1)
+            opt = AdaFisher(model, lr=1e-2, weight_decay=0.1, variant="paper")
         for _ in range(3):
             x = torch.randn(4, 3, 8, 8, generator=g)
             y = torch.randint(0, 5, (4,), generator=g)
@@ -303,7 +304,7 @@ def test_multi_tensor_update_bounds_f_by_chunks_with_the_single_tensor_numbers(m
         g = torch.Generator().manual_seed(1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = AdaFisherW(model, lr=1e-2, weight_decay=0.1, foreach=foreach)
+            opt = AdaFisherW(model, lr=1e-2, weight_decay=0.1, foreach=foreach, variant="paper")
         requested = []
         scratch = opt._scratch
         opt._scratch = lambda n, dtype, device: requested.append(n) or scratch(n, dtype, device)
@@ -350,7 +351,7 @@ def test_channels_last_weights_take_the_materialised_path_with_the_same_numbers(
             model = model.to(memory_format=torch.channels_last)
             assert not model[0].weight.is_contiguous()
         g = torch.Generator().manual_seed(1)
-        opt = AdaFisher(model, lr=1e-2)
+        opt = AdaFisher(model, lr=1e-2, variant="paper")
         for _ in range(3):
             x = torch.randn(5, 3, 8, 8, generator=g, dtype=torch.float64)
             opt.zero_grad()
@@ -382,7 +383,7 @@ def test_hooks_and_step_read_nothing_back_from_the_device():
     model = make_mixed()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisherW(model, weight_decay=0.1, **HP)
+        opt = AdaFisherW(model, weight_decay=0.1, variant="paper", **HP)
     opt.defer_skip_check = True
     for x, y in _batches(3):
         opt.zero_grad()
@@ -395,7 +396,7 @@ def test_hooks_and_step_read_nothing_back_from_the_device():
 
 def test_deferred_skip_check_reports_at_the_next_statistics_step_and_in_state_dict():
     lin = nn.Linear(3, 2).double()
-    opt = AdaFisher(lin, lr=0.1)
+    opt = AdaFisher(lin, lr=0.1, variant="paper")
     opt.defer_skip_check = True
     x = torch.randn(4, 3, dtype=torch.float64)
     bad = x.clone()
@@ -436,7 +437,7 @@ def test_layers_of_different_dtypes_fold_in_separate_flat_batches():
 
     torch.manual_seed(0)
     model = Mixed()
-    opt = AdaFisher(model, lr=1e-2)
+    opt = AdaFisher(model, lr=1e-2, variant="paper")
     x = torch.randn(5, 3, dtype=torch.float64)
     with torch.no_grad():
         hidden = torch.tanh(model.a(x)).float()
@@ -456,8 +457,8 @@ def test_bfloat16_model_keeps_its_float32_factors_bit_for_bit_across_load_state_
     net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisherW(net, lr=1e-2)
-        opt2 = AdaFisherW(net, lr=1e-2)
+        opt = AdaFisherW(net, lr=1e-2, variant="paper")
+        opt2 = AdaFisherW(net, lr=1e-2, variant="paper")
     x = torch.randn(8, 4, dtype=torch.bfloat16)
     for _ in range(3):
         opt.zero_grad()

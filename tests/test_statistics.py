@@ -42,7 +42,7 @@ def _data(n=8, seed=0):
 
 
 def _pending(model, x, y):
-    opt = AdaFisher(model)
+    opt = AdaFisher(model, variant="paper")
     F.cross_entropy(model(x), y).backward()
     return {k: (v.h_total / v.h_count, v.s_total / v.s_count) for k, v in opt.collector.pending.items()}
 
@@ -84,7 +84,7 @@ def test_accumulation_over_micro_batches_equals_full_batch():
     torch.manual_seed(0)
     full = TwoLayer().double()
     accum = copy.deepcopy(full)
-    opt_full, opt_acc = AdaFisherW(full, lr=0.05), AdaFisherW(accum, lr=0.05)
+    opt_full, opt_acc = AdaFisherW(full, lr=0.05, variant="paper"), AdaFisherW(accum, lr=0.05, variant="paper")
     for step in range(3):
         x, y = _data(8, seed=step)
         opt_full.zero_grad()
@@ -101,7 +101,7 @@ def test_accumulation_over_micro_batches_equals_full_batch():
 
 def test_no_statistics_in_eval_mode_or_without_grad():
     model = TwoLayer().double()
-    opt = AdaFisher(model)
+    opt = AdaFisher(model, variant="paper")
     x, y = _data()
     model.eval()
     F.cross_entropy(model(x), y).backward()
@@ -113,7 +113,7 @@ def test_no_statistics_in_eval_mode_or_without_grad():
 
 def test_statistics_only_on_interval_steps():
     model = TwoLayer().double()
-    opt = AdaFisher(model, update_interval=3)
+    opt = AdaFisher(model, update_interval=3, variant="paper")
     x, y = _data()
     seen = []
     for _ in range(7):
@@ -133,7 +133,7 @@ def test_torchvision_resnet18_with_inplace_relu_trains_without_warnings():
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt = AdaFisherW(model, lr=1e-3, weight_decay=5e-4)
+        opt = AdaFisherW(model, lr=1e-3, weight_decay=5e-4, variant="paper")
         losses = []
         for _ in range(3):
             opt.zero_grad()
@@ -153,7 +153,7 @@ def test_torchvision_resnet18_with_inplace_relu_trains_without_warnings():
 
 def test_bf16_activations_give_float32_statistics():
     lin = nn.Linear(4, 3).to(torch.bfloat16)
-    opt = AdaFisher(lin)
+    opt = AdaFisher(lin, variant="paper")
     lin(torch.randn(5, 4, dtype=torch.bfloat16)).float().sum().backward()
     pending = opt.collector.pending["Linear"]
     assert pending.h_total.dtype == pending.s_total.dtype == torch.float32
@@ -220,7 +220,7 @@ def test_norm_statistics_from_the_kernel_equal_the_ones_from_x_and_g(case, ckpt)
         output.register_hook(grads.append)  # G as produced, before the in-place relu_
 
     handle = model.norm.register_forward_hook(record)
-    opt = AdaFisher(model)
+    opt = AdaFisher(model, variant="paper")
     if ckpt:
         loss = F.cross_entropy(checkpoint(model, x, use_reentrant=False), y)
     else:
@@ -258,7 +258,7 @@ def test_norm_statistic_skips_a_backward_that_does_not_reach_the_bias():
     model = _NormNet(nn.BatchNorm1d(4), (4,)).double()
     x, y = _data(8)
     x.requires_grad_(True)
-    opt = AdaFisher(model)
+    opt = AdaFisher(model, variant="paper")
     (gx,) = torch.autograd.grad(F.cross_entropy(model(x), y), [x])
     assert torch.isfinite(gx).all()
     assert opt.collector.pending["norm"].s_count == 0
@@ -279,7 +279,7 @@ def test_conv_window_sums_finished_at_the_step_equal_the_eager_ones(size, monkey
     model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(2)).double()
     x = torch.randn(5, 3, size, size, dtype=DT)
     model(x)
-    opt = AdaFisher(model)
+    opt = AdaFisher(model, variant="paper")
     F.cross_entropy(model(x), torch.tensor([0, 1, 0, 1, 1])).backward()
     parts = opt.collector.pending["0"]._h
     assert callable(parts[0]) is (3 * size * size <= fn.DEFER_MAX)
@@ -314,7 +314,7 @@ def test_norm_statistics_of_a_step_are_finished_together_with_the_per_layer_numb
     torch.manual_seed(0)
     model = Net().double()
     x, y = _data(8)
-    opt = AdaFisher(model)
+    opt = AdaFisher(model, variant="paper")
     seen = {name: ([], []) for name in ("bn1", "bn2", "ln")}
     handles = []
     for name, (inputs, grads) in seen.items():
@@ -373,7 +373,7 @@ def test_layers_reading_one_input_share_its_pass(monkeypatch):
     passes = []
     real = fn._as_stats
     monkeypatch.setattr(fn, "_as_stats", lambda t: passes.append(tuple(t.shape)) or real(t))
-    opt = AdaFisher(model)
+    opt = AdaFisher(model, variant="paper")
     with torch.no_grad():
         tokens = model.body(x).flatten(2).transpose(1, 2)
     F.cross_entropy(model(x), y).backward()
@@ -424,7 +424,7 @@ def test_a_compiled_model_gathers_the_statistics_of_the_eager_one():
     torch.manual_seed(0)
     model = Net()
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
-    opt = AdaFisher(model)
+    opt = AdaFisher(model, variant="paper")
     F.cross_entropy(model(x), y).backward()
     eager = {k: (v.h_total.clone(), v.s_total.clone(), v.h_count, v.s_count) for k, v in opt.collector.consume().items()}
     model.zero_grad()

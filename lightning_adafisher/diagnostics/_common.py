@@ -128,7 +128,7 @@ def digits_with_adafisher(seed: int, lr: float) -> tuple[Tensor, Tensor, nn.Modu
     model = digits_cnn()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisher(model, lr=lr)
+        opt = AdaFisher(model, lr=lr, variant="paper")
     return x_train, y_train, model, opt
 
 

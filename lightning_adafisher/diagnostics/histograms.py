@@ -204,7 +204,7 @@ class DigitsModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return AdaFisher(self.parameters(), lr=self.lr)
+        return AdaFisher(self.parameters(), lr=self.lr, variant="paper")
 
 
 def digits_experiment(

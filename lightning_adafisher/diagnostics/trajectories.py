@@ -382,7 +382,7 @@ def iris_experiment(
     def adafisher(m: nn.Module) -> torch.optim.Optimizer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Tanh has no parameters; nothing to warn about
-            return AdaFisher(m, lr=lr)
+            return AdaFisher(m, lr=lr, variant="paper")
 
     optimizers: dict[str, OptimizerFactory] = {
         "Adam": lambda m: torch.optim.Adam(m.parameters(), lr=lr),
