@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import platform
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_adafisher.optim import AdaFisher, AdaFisherW
+from lightning_adafisher.optim import DEFAULT_LR, AdaFisher, AdaFisherW
 
 __all__ = ["TASKS", "OPTIMIZERS", "quality", "markdown", "plot", "warmup_cosine", "add_arguments", "run_from_args"]
 
@@ -84,7 +85,15 @@ def _shampoo(m: nn.Module, lr: float) -> torch.optim.Optimizer:
     return Shampoo(m.parameters(), lr=lr, momentum=0.9, preconditioning_compute_steps=10)
 
 
+_DEFAULT_VARIANT = inspect.signature(AdaFisher.__init__).parameters["variant"].default
+
+
+def _shipped_defaults(m: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return AdaFisherW(m)  # every hyperparameter at its default; ``lr`` is that default
+
+
 OPTIMIZERS: dict[str, tuple[OptimizerFactory, tuple[float, ...]]] = {
+    "adafisherw_defaults": (_shipped_defaults, (DEFAULT_LR[_DEFAULT_VARIANT],)),
     "adam": (lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr), ADAM_LRS),
     "adamw": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=DECOUPLED_WD), ADAM_LRS),
     "sgd": (lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), SGD_LRS),
