@@ -176,7 +176,7 @@ def speed(
         step_seconds: dict[str, list[float]] = {}
         rows = _optimizers(language, fused)
         if only:
-            unknown = sorted(set(only) - set(rows))
+            unknown = sorted(set(only) - set(rows) - (set(bench_peers.peers()) if peers else set()))
             if unknown:
                 raise ValueError(f"Invalid --only: {unknown} (expected names from {', '.join(rows)})")
             first = next(iter(rows))
@@ -191,6 +191,8 @@ def speed(
         peer_names = set()
         if peers:
             for name, factory in bench_peers.peers().items():
+                if only and name not in only:
+                    continue
                 model = copy.deepcopy(base)
                 runs[name] = (model, *factory(model, batch))
                 peer_names.add(name)

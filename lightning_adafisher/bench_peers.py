@@ -1,7 +1,8 @@
 """Second-order peers from PyPI for ``bench speed``, each timed only when its package is installed.
 
-* ``pytorch-optimizer``: ``Shampoo`` (matrix roots recomputed every 10 steps) and
-  ``AdaHessian`` (Hutchinson Hessian diagonal every step: the backward builds a graph).
+* ``pytorch-optimizer``: ``SOAP`` (eigenbases every 10 steps), ``Shampoo`` (matrix roots
+  recomputed every 10 steps) and ``AdaHessian`` (Hutchinson Hessian diagonal every step: the
+  backward builds a graph).
 * ``asdfghjkl`` (``pip install --pre asdfghjkl``, imported as ``asdl``): K-FAC and Shampoo
   gradient makers, curvature and preconditioner refreshed every 10 steps, with SGD momentum
   applying the preconditioned gradient (how that package is used).
@@ -73,7 +74,15 @@ def _pytorch_optimizer() -> dict[str, Factory]:
         opt = po.AdaHessian(model.parameters(), lr=0.1)
         return opt, plain_step(model, opt, batch, create_graph=True)
 
-    return {f"po_shampoo_k{PEER_INTERVAL}": shampoo, "po_adahessian": adahessian}
+    def soap(model: nn.Module, batch: Batch):
+        # SOAP's own defaults (precondition_frequency 10): the eigen variant's closest peer
+        opt = po.SOAP(model.parameters(), lr=3e-3)
+        return opt, plain_step(model, opt, batch)
+
+    return {
+        f"po_shampoo_k{PEER_INTERVAL}": shampoo, "po_adahessian": adahessian,
+        f"po_soap_k{PEER_INTERVAL}": soap,
+    }
 
 
 def _asdl() -> dict[str, Factory]:

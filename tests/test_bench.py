@@ -151,7 +151,9 @@ def test_peers_of_the_test_environment_are_installed():
     """The test extra installs pytorch-optimizer and asdfghjkl, so the test above covers them."""
     from lightning_adafisher import bench_peers
 
-    assert set(bench_peers.peers()) == {"po_shampoo_k10", "po_adahessian", "asdl_kfac_k10", "asdl_shampoo_k10"}
+    assert set(bench_peers.peers()) == {
+        "po_soap_k10", "po_shampoo_k10", "po_adahessian", "asdl_kfac_k10", "asdl_shampoo_k10",
+    }
 
 
 def test_cifar_resnet18_is_the_recipes_model_with_a_32x32_first_stage():
