@@ -447,3 +447,53 @@ def test_unattached_eigen_optimizer_warns_and_factors_matrices_from_their_gradie
         opt.step()
     assert opt.state[net[0].weight]["factor_h"].shape == (4, 4)  # ∇Wᵀ∇W
     assert set(opt.state[net[0].bias]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+class ZooNet(nn.Module):
+    """Layer types the eigen variant meets in users' models: a GRU and nn.MultiheadAttention
+    (matrices it never sees through a Linear), Conv1d (3-D weight), Embedding, norms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.conv = nn.Conv1d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm1d(16)
+        self.gru = nn.GRU(16, 16, batch_first=True)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, ids):
+        x = self.bn(self.conv(self.emb(ids).transpose(1, 2))).transpose(1, 2)
+        x, _ = self.gru(torch.relu(x))
+        a, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(self.norm(x + a))
+
+
+def test_default_optimizer_fits_a_model_of_mixed_layer_types_and_moves_every_parameter():
+    torch.manual_seed(0)
+    model = ZooNet()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = AdaFisherW(model)  # every default: the eigen variant, lr 3e-3
+    assert opt.variant == "eigen" and opt.param_groups[0]["lr"] == 3e-3
+    ids = torch.randint(0, 20, (8, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(40):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, 20), ids[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    # MultiheadAttention computes out_proj inside F.multi_head_attention_forward: no statistics
+    assert any("attn.out_proj" in str(w.message) and "trained by Adam" in str(w.message) for w in caught)
+    assert losses[-1] < 0.5 * losses[0]  # memorises the fixed batch
+    for name, p in model.named_parameters():
+        assert not torch.equal(p, start[name]), name
+    # matrices outside supported layers got factors of their own gradient
+    for p in (model.gru.weight_ih_l0, model.attn.in_proj_weight, model.emb.weight):
+        assert "eigenbasis_h" in opt.state[p] and "eigenbasis_s" in opt.state[p]
+    assert set(opt.state[model.conv.weight]) == {"step", "exp_avg", "exp_avg_sq"}  # 3-D: Adam
