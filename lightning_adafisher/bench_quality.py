@@ -611,7 +611,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
     if args.quick:
         args.subset, args.epochs, args.gpt_steps = 60, 2, 4
         args.gpt_batch_size, args.gpt_eval_windows, args.context, args.evals = 2, 4, 16, 2
-        args.seeds = args.seeds[:1] if args.seeds != [0, 1, 2] else [0]
+        args.seeds = args.seeds[:1]
         args.lrs = args.lrs or [1e-3, 1e-2]
     result = quality(args.tasks, args.optimizers, args.seeds, args, args.lrs)
     result["seeds_by_task"] = {t: args.seeds for t in result["tasks"]}
