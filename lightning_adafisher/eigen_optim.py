@@ -135,8 +135,8 @@ class EigenbasisSteps:
         state = self.state[primary]
         # one reduction per factor: a sum holding inf/NaN is not finite (an overflow of the sum
         # itself, past 3e38, would mean statistics no fold should take either)
-        total = sum((f.sum() for f in (a, g) if f is not None), torch.zeros((), device=primary.device))
-        ok = torch.isfinite(total)
+        sums = [f.sum() for f in (a, g) if f is not None]  # at least one side is kept
+        ok = torch.isfinite(sums[0] + sums[1] if len(sums) == 2 else sums[0])
         if a is not None:
             state[FACTOR_H] = eg.fold_covariance(state.get(FACTOR_H), a, gamma, ok)
         if g is not None:
@@ -196,7 +196,7 @@ class EigenbasisSteps:
         done: set[int] = set()
         if self._collector is not None:
             for layer in self._collector.layers:
-                roles = {r: p for r, p in layer.params.items() if id(p) in group_of}
+                roles = layer.params  # trained parameters only (filtered at attach)
                 done.update(id(p) for p in roles.values())
                 if not any(p.grad is not None for p in roles.values()):
                     continue

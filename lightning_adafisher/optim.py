@@ -25,6 +25,10 @@ from torch.optim import Optimizer
 from lightning_adafisher import functional as fn
 from lightning_adafisher.eigen_optim import EigenbasisSteps
 from lightning_adafisher.layers import LayerHelper, layer_helper_for
+from lightning_adafisher.state_keys import (  # re-exported: named once
+    _STATS_DTYPE_KEYS, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
+    EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, STEP,
+)
 from lightning_adafisher.statistics import BoundLayer, PendingStats, StatisticsCollector
 
 __all__ = ["AdaFisher", "AdaFisherW", "VARIANTS"]
@@ -34,11 +38,6 @@ DEFAULT_LR = {"eigen": 3e-3, "paper": 1e-3, "reference": 1e-3}
 """``lr=None`` means this, per variant: the paper's 1e-3 for its variants; for the eigenbasis
 variant (Adam-like steps) the value that beat tuned AdamW on every workload of ``bench quality``
 untuned (docs/benchmarks.md)."""
-
-from lightning_adafisher.state_keys import (  # noqa: E402  (re-exported: named once)
-    _STATS_DTYPE_KEYS, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
-    EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, STEP,
-)
 
 _SAME_IN_ALL_GROUPS = ("variant", "update_interval", "eigen_interval", "max_factor_size", "gradient_factors")
 """Hyperparameters that fix the statistics' schedule and layout: one value for the optimizer."""
@@ -78,14 +77,14 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid weight_decay: {wd}")
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise ValueError(f"Invalid update_interval: {interval!r} (expected an integer >= 1)")
-    if not isinstance(group.get("gradient_factors", True), bool):
+    if not isinstance(group["gradient_factors"], bool):
         raise ValueError(f"Invalid gradient_factors: {group['gradient_factors']!r} (expected True or False)")
     if not isinstance(group.get("fused", False), bool):
         raise ValueError(f"Invalid fused: {group['fused']!r} (expected True or False)")
     if variant not in VARIANTS:
         raise ValueError(f"Invalid variant: {variant!r} (expected 'paper', 'reference' or 'eigen')")
-    beta2, eps = group.get("beta2", 0.95), group.get("eps", 1e-8)
-    eigen_interval, max_size = group.get("eigen_interval", 10), group.get("max_factor_size", 2048)
+    beta2, eps = group["beta2"], group["eps"]
+    eigen_interval, max_size = group["eigen_interval"], group["max_factor_size"]
     if not 0.0 <= beta2 < 1.0:
         raise ValueError(f"Invalid beta2: {beta2} (expected 0 <= beta2 < 1)")
     if not eps > 0.0:
@@ -299,16 +298,15 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             for p in group["params"]
             if id(p) not in claimed
         ]
-        if eigen:
-            pass  # every parameter without an eigenbasis layer is trained by Adam, by design
-        elif not layers:
+        # eigen: every parameter without an eigenbasis layer is trained by Adam, by design
+        if not eigen and not layers:
             warnings.warn(
                 f"AdaFisher: {type(model).__name__} has no supported layer (Linear, Conv2d, "
                 "BatchNorm, LayerNorm, Embedding or a registered helper); every parameter uses the identity "
                 "preconditioner",
                 stacklevel=2,
             )
-        elif identity:
+        elif not eigen and identity:
             warnings.warn(
                 f"AdaFisher: {len(identity)} parameter(s) have no supported layer and use the "
                 f"identity preconditioner: {', '.join(identity)}",
@@ -360,7 +358,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             if eigen and self._is_statistics_step(t):
                 self._fold_eigen([], {})  # gradient-factored parameters only
         elif self._is_statistics_step(t):
-            self._fold(self._collector.consume(), t)
+            self._fold(self._collector.consume())
         else:
             self._collector.discard()
         if eigen:
@@ -379,7 +377,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if self._collector is not None:
             self._collector.discard()
 
-    def _fold(self, pending: dict[str, PendingStats], t: int = 0) -> None:
+    def _fold(self, pending: dict[str, PendingStats]) -> None:
         assert self._collector is not None
         layers = self._collector.layers
         if self.statistics_reducer is not None:
