@@ -139,6 +139,30 @@ def mm_eps(v: Tensor) -> Tensor:
     return (v - v.min()) / (v.max() - v.min() + 1e-6)
 
 
+def forward_backward(model: nn.Module, layers: dict[str, nn.Module], loss_fn):
+    """One forward and backward: ``(params, their gradients, each called layer's input x, the
+    gradient G of its output)``, all keyed by name (layers in call order)."""
+    inputs, outputs = {}, {}
+
+    def capture(name):
+        def hook(module, args, out):
+            # Hand the model a copy so that in-place ops downstream (ReLU(inplace=True))
+            # cannot rebind the tensor whose gradient G is taken below.
+            inputs[name], outputs[name] = args[0].detach(), out
+            return out.clone()
+
+        return hook
+
+    handles = [m.register_forward_hook(capture(name)) for name, m in layers.items()]
+    loss = loss_fn(model)
+    for h in handles:
+        h.remove()
+    names = list(outputs)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()) + [outputs[n] for n in names])
+    return params, dict(zip(params, grads[: len(params)])), inputs, dict(zip(names, grads[len(params):]))
+
+
 class ReferenceAdaFisher:
     """Steps a model exactly as SPEC §2–4 say, with statistics gathered by brute force."""
 
@@ -161,25 +185,8 @@ class ReferenceAdaFisher:
     def step(self, loss_fn) -> None:  # loss_fn(model) -> scalar loss
         self.t += 1
         statistics_step = (self.t - 1) % self.interval == 0
-        inputs, outputs = {}, {}
-        def capture(name):
-            def hook(module, args, out):
-                # Hand the model a copy so that in-place ops downstream (ReLU(inplace=True))
-                # cannot rebind the tensor whose gradient G is taken below.
-                inputs[name], outputs[name] = args[0].detach(), out
-                return out.clone()
-
-            return hook
-
-        handles = [m.register_forward_hook(capture(name)) for name, m in self.layers.items()]
-        loss = loss_fn(self.model)
-        for h in handles:
-            h.remove()
-        names = list(outputs)
-        params = dict(self.model.named_parameters())
-        grads = torch.autograd.grad(loss, list(params.values()) + [outputs[n] for n in names])
-        pgrads = dict(zip(params, grads[: len(params)]))
-        ograds = dict(zip(names, grads[len(params):]))
+        params, pgrads, inputs, ograds = forward_backward(self.model, self.layers, loss_fn)
+        names = list(ograds)
         if statistics_step:
             for name in names:
                 h, s = raw_stats(self.layers[name], inputs[name], ograds[name], self.variant)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tests.reference import conv_rows
+from tests.reference import conv_rows, forward_backward
 
 
 def input_rows(module: nn.Module, x: Tensor) -> Tensor:
@@ -76,24 +76,8 @@ class ReferenceEigen:
 
     def step(self, loss_fn) -> None:
         self.t += 1
-        inputs, outputs = {}, {}
-
-        def capture(name):
-            def hook(module, args, out):
-                inputs[name], outputs[name] = args[0].detach(), out
-                return out.clone()
-
-            return hook
-
-        handles = [m.register_forward_hook(capture(name)) for name, m in self.layers.items()]
-        loss = loss_fn(self.model)
-        for h in handles:
-            h.remove()
-        names = list(outputs)
-        params = dict(self.model.named_parameters())
-        grads = torch.autograd.grad(loss, list(params.values()) + [outputs[n] for n in names])
-        pgrads = dict(zip(params, grads[: len(params)]))
-        ograds = dict(zip(names, grads[len(params):]))
+        params, pgrads, inputs, ograds = forward_backward(self.model, self.layers, loss_fn)
+        names = list(ograds)
         if (self.t - 1) % self.interval == 0:
             for name in names:
                 module = self.layers[name]
