@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_adafisher import functional as fn
-from lightning_adafisher.layers import BatchNormHelper, LayerHelper
+from lightning_adafisher.layers import LayerHelper
 
 __all__ = ["BoundLayer", "PendingStats", "StatisticsCollector"]
 
@@ -278,9 +278,7 @@ class StatisticsCollector:
 
     def _make_forward_hook(self, layer: BoundLayer) -> Callable[..., None]:
         name, helper, variant = layer.name, layer.helper, self.variant
-        builtin_bias_grad = (
-            type(helper).output_stats_from_bias_grad is BatchNormHelper.output_stats_from_bias_grad
-        )
+        builtin_bias_grad = helper.s_from_bias_grad_batched
 
         sides = layer.eigen_sides
 

@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {
+    "custom_layer.py": [],  # asserts its factors against a float64 reference itself
     "digits_demo.py": ["--epochs", "1"],
 }
 

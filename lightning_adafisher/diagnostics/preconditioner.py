@@ -65,17 +65,7 @@ def preconditioner_diagonal(
     """
     param = getattr(module, role)
     if isinstance(optimizer, AdaFisher):
-        bound = optimizer._binding.get(id(param))
-        if bound is None:
-            if optimizer.collector is None:
-                raise ValueError("AdaFisher is not attached to a model (no statistics hooks yet)")
-            return None  # identity preconditioner
-        layer, bound_role = bound
-        factors = optimizer._normalised_factors(layer.primary)
-        if factors is None:
-            return None
-        damping = optimizer._group_of(param)["damping"]
-        return layer.helper.denominator(layer.module, bound_role, param, factors[0], factors[1], damping)
+        return optimizer.fisher_diagonal(param)  # None: identity preconditioner (so far)
     group = next((g for g in optimizer.param_groups if any(q is param for q in g["params"])), None)
     if group is None:
         raise ValueError(f"{type(module).__name__}.{role} is not trained by this optimizer")

@@ -186,12 +186,10 @@ def adafisher_preconditioner(optimizer: AdaFisher, model: nn.Module) -> dict[str
     if optimizer.collector is None:
         return result
     for layer in optimizer.collector.layers:
-        factors = optimizer._normalised_factors(layer.primary)
-        if factors is None:
-            continue
-        for role, p in layer.params.items():
-            damping = optimizer._group_of(p)["damping"]
-            result[names[id(p)]] = layer.helper.denominator(layer.module, role, p, factors[0], factors[1], damping)
+        for p in layer.params.values():
+            diagonal = optimizer.fisher_diagonal(p)
+            if diagonal is not None:
+                result[names[id(p)]] = diagonal
     return result
 
 
