@@ -269,7 +269,7 @@ class BatchNormHelper(LayerHelper):
 
     # y = x̂·w + b per channel: the bias gradient of a call is that call's Σ G over all dims but
     # the channel's, which is all s needs; and h needs only Σx per channel, which the kernel's
-    # saved mean holds (docs/performance.md, "Third round").
+    # saved mean holds (docs/performance.md#norm-layers-read-from-their-kernel).
     s_from_bias_grad = True
     s_from_bias_grad_batched = True
     h_from_saved_mean = True

@@ -5,7 +5,7 @@ estimated here with labels sampled from the model's own predictive distribution 
 ``n_samples`` labels per input) and exact per-sample gradients (``torch.func``:
 ``functional_call`` + ``vmap`` + ``grad``).
 
-Which AdaFisher quantity is compared, and why: AdaFisher's ``F = S'·H' + λ`` (SPEC §2) is built
+Which AdaFisher quantity is compared, and why: AdaFisher's ``F = S'·H' + λ`` (docs/numerics.md#the-fisher-diagonal) is built
 from *min-max normalised* factors, so its values lie in ``[λ, 1 + λ]`` whatever the Fisher's
 scale; an absolute error against the true Fisher would measure that normalisation, not the
 approximation. The MAE is therefore taken on the Fisher's own scale, with the *raw* Kronecker
