@@ -1,8 +1,8 @@
 """Optimizer quality on offline data, after MLCommons AlgoPerf: equal tuning budgets, one
 schedule for everyone, selection on validation, seeds, and steps/time to a target.
 
-``lightning-adafisher bench quality``.
-Workloads (real data that ships inside packages, no download):
+Run with ``lightning-adafisher bench quality``. Workloads (real data that ships inside packages,
+no download):
 
 * ``digits_cnn``: the quickstart's CNN with BatchNorm (``tasks.models.DigitsCNN``) on
   scikit-learn's 8×8 handwritten digits, 15 epochs, batch 32 — a convolutional network;
