@@ -72,7 +72,8 @@ def train(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a small CNN on the digits with AdaFisherW or AdamW.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--optimizer", default="adafisherw", choices=["adafisherw", "adamw"], help="optimizer")
+    parser.add_argument("--optimizer", default="adafisherw", choices=["adafisherw", "adamw"],
+                        help="optimizer")
     parser.add_argument("--epochs", type=int, default=10, help="passes over the training split")
     parser.add_argument("--seed", type=int, default=0, help="split, initialisation and batch order")
     args = parser.parse_args(argv)

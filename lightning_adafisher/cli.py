@@ -23,8 +23,10 @@ from lightning_adafisher.optim import AdaFisher
 __all__ = ["AdaFisherCLI", "main", "run_cli"]
 
 EXTRA_SUBCOMMANDS = {
-    "bench": "Benchmarks: step time and memory, quality, update sizes (see `lightning-adafisher bench --help`).",
-    "diagnostics": "The paper's diagnostic figures on offline data (see `lightning-adafisher diagnostics --help`).",
+    "bench": "Benchmarks: step time and memory, quality, update sizes "
+    "(see `lightning-adafisher bench --help`).",
+    "diagnostics": "The paper's diagnostic figures on offline data "
+    "(see `lightning-adafisher diagnostics --help`).",
 }
 """Subcommands :func:`main` dispatches before LightningCLI; listed in its ``--help`` too."""
 

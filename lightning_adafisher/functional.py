@@ -252,7 +252,7 @@ def conv2d_input_stats(
     deferred: bool = False,
     reuse: bool = False,
 ) -> tuple[Tensor | Callable[[], Tensor], float]:
-    """Diagonal of the im2col second moment, without building im2col (docs/numerics.md#raw-statistics-of-one-call).
+    """Diagonal of the im2col second moment, without building im2col (docs/numerics.md).
 
     ``h[c, i, j] = Σ_b Σ_positions x_pad[b, c, p_h·s_h + i·d_h, p_w·s_w + j·d_w]²``: square and
     sum the input over the batch (and over groups, whose patches are stacked as rows); padding
@@ -516,7 +516,7 @@ def flush_subnormal_(v: Tensor) -> Tensor:
     """Set non-negative values below the dtype's smallest normal number to zero, in place.
 
     Factor entries that see no signal decay geometrically (``γ`` or ``0.1γ`` per statistics
-    step) into the subnormal range, where every later multiply is ~50× slower on CPU (docs/numerics.md#dtypes-and-subnormals).
+    step) into the subnormal range, where every later multiply is ~50× slower on CPU (docs/numerics.md).
     """
     return v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
 

@@ -9,7 +9,7 @@ why full backward hooks (which fail on in-place ops) are not used.
 Norm layers need only ``Σ G`` per channel, which is exactly the bias gradient their backward
 computes anyway; when the output comes straight from a norm kernel's autograd node, a post-hook
 on that node reads this call's bias gradient instead, so ``G`` itself is never touched
-(docs/performance.md#norm-layers-read-from-their-kernel). Everything else about counting is the same.
+(docs/performance.md). Everything else about counting is the same.
 
 Gating: a call counts only when the collector is active (the optimizer turns it on for statistics
 steps), the module is in training mode and grad is enabled. A forward that runs *inside* a
@@ -167,7 +167,7 @@ class PendingStats:
     A hook may add a *deferred* total (a zero-argument function): the small finishing ops of a
     norm layer's or a conv's statistic then run back to back at the optimizer step instead of
     one by one inside the hooks, where every op costs tens of µs on CPU because its code is cold
-    after the layer's own kernel (docs/performance.md#few-ops-inside-hooks). Totals are resolved, and
+    after the layer's own kernel (docs/performance.md). Totals are resolved, and
     summed, on first read of :attr:`h_total`/:attr:`s_total`.
     """
 

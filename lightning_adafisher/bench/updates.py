@@ -123,7 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizers", type=bq._names(list(bq.OPTIMIZERS)),
                         default=["adamw", "adafisherw_paper_k1", "adafisherw_reference_k1", "adafisherw_eigen_k1"],
                         help="comma-separated")
-    parser.add_argument("--lr", type=float, default=1e-3, help="one constant learning rate for every optimizer")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="one constant learning rate for every optimizer")
     parser.add_argument("--steps", type=int, default=200, help="training steps")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     parser.add_argument("--subset", type=int, default=None, help="keep this many training rows (tests)")

@@ -73,10 +73,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Callable[[argparse.Namespace], str], help: str, **defaults: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
-        p.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS, help="output folder (created)")
-        p.add_argument("--seed", type=int, default=0, help="data split, initialisation and batch order")
-        p.add_argument("--lr", type=float, default=defaults.pop("lr", 1e-3), help="learning rate of every optimizer")
-        p.add_argument("--epochs", type=int, default=defaults.pop("epochs"), help="passes over the training data")
+        p.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS,
+                       help="output folder (created)")
+        p.add_argument("--seed", type=int, default=0,
+                       help="data split, initialisation and batch order")
+        p.add_argument("--lr", type=float, default=defaults.pop("lr", 1e-3),
+                       help="learning rate of every optimizer")
+        p.add_argument("--epochs", type=int, default=defaults.pop("epochs"),
+                       help="passes over the training data")
         p.set_defaults(func=func)
         return p
 
@@ -92,11 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     p = add("kronecker", _kronecker, "full Kronecker factors: Gershgorin discs, noise, SNR (Eq. 7), "
             "heat maps, FFT (Figs. 3, 7-9)", epochs=10)
     p.add_argument("--layers", nargs="+", default=["2", "8"], help="module names of the digits CNN")
-    p.add_argument("--eval-batch", type=int, default=256, help="samples the full factors are estimated on")
-    p.add_argument("--sigma", type=float, default=1e-3, help="std of the off-diagonal noise added to the factors")
+    p.add_argument("--eval-batch", type=int, default=256,
+                   help="samples the full factors are estimated on")
+    p.add_argument("--sigma", type=float, default=1e-3,
+                   help="std of the off-diagonal noise added to the factors")
     p = add("true-fisher", _true_fisher, "MAE between the Kronecker-factored and the true Fisher "
             "diagonal (Fig. 12)", epochs=10)
-    p.add_argument("--eval-size", type=int, default=512, help="inputs the true Fisher is estimated on")
+    p.add_argument("--eval-size", type=int, default=512,
+                   help="inputs the true Fisher is estimated on")
     p.add_argument("--samples", type=int, default=4, help="labels sampled per input")
     return parser
 

@@ -1,7 +1,8 @@
 """The diagonal an optimizer divides the update by, per layer (paper Figs. 4 and 11).
 
-* AdaFisher/AdaFisherW: ``F = S'[o]·H'[i] + λ`` (docs/numerics.md#the-fisher-diagonal), read from the optimizer's folded
-  factors exactly as its step builds it (``None`` before a layer's first statistics step).
+* AdaFisher/AdaFisherW: ``F = S'[o]·H'[i] + λ`` (docs/numerics.md#the-fisher-diagonal), as
+  ``AdaFisher.fisher_diagonal`` returns it: from the optimizer's folded factors exactly as its
+  step builds it (``None`` before a layer's first statistics step).
 * Adam/AdamW (comparison): the bias-corrected second moment ``v̂ = exp_avg_sq / (1 − β₂^t)``,
   the quantity Adam's update divides by after a square root.
 

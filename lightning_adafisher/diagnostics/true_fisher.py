@@ -5,11 +5,11 @@ estimated here with labels sampled from the model's own predictive distribution 
 ``n_samples`` labels per input) and exact per-sample gradients (``torch.func``:
 ``functional_call`` + ``vmap`` + ``grad``).
 
-Which AdaFisher quantity is compared, and why: AdaFisher's ``F = S'·H' + λ`` (docs/numerics.md#the-fisher-diagonal) is built
-from *min-max normalised* factors, so its values lie in ``[λ, 1 + λ]`` whatever the Fisher's
-scale; an absolute error against the true Fisher would measure that normalisation, not the
-approximation. The MAE is therefore taken on the Fisher's own scale, with the *raw* Kronecker
-diagonal that AdaFisher normalises:
+Which AdaFisher quantity is compared, and why: AdaFisher's ``F = S'·H' + λ``
+(docs/numerics.md#the-fisher-diagonal) is built from *min-max normalised* factors, so its
+values lie in ``[λ, 1 + λ]`` whatever the Fisher's scale; an absolute error against the true
+Fisher would measure that normalisation, not the approximation. The MAE is therefore taken on
+the Fisher's own scale, with the *raw* Kronecker diagonal that AdaFisher normalises:
 
 * ``adafisher``: from the optimizer state, ``L·B²·S[o]·H[i]`` with ``H``, ``S`` AdaFisher's
   folded raw factors (EMA over training steps, true labels: the empirical Fisher it actually
