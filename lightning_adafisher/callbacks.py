@@ -139,7 +139,7 @@ class AdaFisherCallback(Callback):
             if before is None or not isinstance(opt, AdaFisher):
                 continue
             after = opt.state[GLOBAL].get(GLOBAL_STEPS, 0)  # type: ignore[index]
-            statistics_step = opt._is_statistics_step(before + 1)
+            statistics_step = opt.is_statistics_step(before + 1)
             if after == before:
                 # The step was due but did not run (GradScaler found inf/NaN gradients).
                 opt.discard_statistics()
@@ -156,7 +156,7 @@ class AdaFisherCallback(Callback):
         if collector is None:
             return
         for layer in collector.layers:
-            factors = opt._normalised_factors(layer.primary)
+            factors = opt.layer_factors(layer.primary)
             if factors is not None:
                 kind = type(layer.module).__name__
                 by_type[f"{kind}/H"].append(factors[0].float())

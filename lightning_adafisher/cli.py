@@ -1,10 +1,12 @@
-"""The ``lightning-adafisher`` console script: a LightningCLI plus ``bench``.
+"""The ``lightning-adafisher`` console script: a LightningCLI plus ``bench`` and ``diagnostics``.
 
 ``lightning-adafisher fit --config recipe.yaml`` runs Lightning's CLI with any LightningModule
 and DataModule (``class_path``/``init_args``). When the configured ``optimizer`` is AdaFisher or
 AdaFisherW (``optimizer: {class_path: lightning_adafisher.AdaFisherW, init_args: {...}}``) and no
 ``AdaFisherCallback`` is configured, one is added, so the YAML needs nothing else.
-``lightning-adafisher bench ...`` runs :mod:`lightning_adafisher.bench`.
+``validate``, ``test`` and ``predict`` are Lightning's too. ``lightning-adafisher bench ...``
+runs :mod:`lightning_adafisher.bench`, ``lightning-adafisher diagnostics ...``
+:mod:`lightning_adafisher.diagnostics`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ from lightning_adafisher.callbacks import AdaFisherCallback
 from lightning_adafisher.optim import AdaFisher
 
 __all__ = ["AdaFisherCLI", "main", "run_cli"]
+
+EXTRA_SUBCOMMANDS = {
+    "bench": "Benchmarks: step time and memory, quality, update sizes "
+    "(see `lightning-adafisher bench --help`).",
+    "diagnostics": "The paper's diagnostic figures on offline data "
+    "(see `lightning-adafisher diagnostics --help`).",
+}
+"""Subcommands :func:`main` dispatches before LightningCLI; listed in its ``--help`` too."""
 
 
 def _configured_class(value: Any) -> type | None:
@@ -44,6 +54,16 @@ class AdaFisherCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True,
             help="after fit, run the test loop at the best checkpoint (if the data has a test split)",
         )
+
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # List bench/diagnostics in `--help` next to fit/validate/test/predict; main() runs them
+        # before LightningCLI parses anything, so these placeholder parsers are never used.
+        action = getattr(parser, "_subcommands_action", None)
+        if action is None:  # a jsonargparse without it: the help just does not list them
+            return
+        for name, description in EXTRA_SUBCOMMANDS.items():
+            action.add_subcommand(name, self.init_parser(description=description), help=description)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         # LightningCLI builds the YAML's optimizer from model.parameters() right here, before

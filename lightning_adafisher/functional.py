@@ -1,7 +1,7 @@
 """Pure tensor math of AdaFisher: per-layer statistics, folding, Fisher assembly, the update.
 
 Nothing here installs hooks, talks to other processes or knows about Lightning; every function
-takes tensors and returns tensors. The numerics are those of ``SPEC.md`` §2–4.
+takes tensors and returns tensors. The numerics are documented in ``docs/numerics.md``.
 
 Shape conventions
 -----------------
@@ -83,7 +83,7 @@ NO_TEMPORARY_MIN = 1 << 20
 taken without a temporary as large as the tensor. glibc serves such a block with ``mmap`` and
 returns it to the kernel when it is freed, so every ``square()`` of a large activation pays for
 fresh, page-faulted memory; below this size the one-kernel ``square().sum()`` is as fast
-(docs/performance.md, "Fifth round")."""
+(docs/performance.md#no-tensor-sized-temporaries-for-large-sums-of-squares)."""
 
 _DOT_MIN_SPATIAL = 256
 """Least ``H·W`` for which a conv's ``Σ G²`` is taken as batched dot products (smaller maps:
@@ -154,7 +154,7 @@ def linear_input_stats(x: Tensor, bias: bool, reuse: bool = False) -> tuple[Tens
     """Sum over rows of ``x̄²`` (``x`` flattened to ``[N, d_in]``, ones column if ``bias``);
     ``reuse``: see :func:`_square_sum`."""
     n = math.prod(x.shape[:-1])
-    # x.square().sum(0) is far faster on CPU than einsum or vector_norm (SPEC §7).
+    # x.square().sum(0) is far faster on CPU than einsum or vector_norm.
     total = _square_sum(x, rows=True, reuse=reuse)
     if bias:
         total = F.pad(total, (0, 1), value=float(n))
@@ -252,7 +252,7 @@ def conv2d_input_stats(
     deferred: bool = False,
     reuse: bool = False,
 ) -> tuple[Tensor | Callable[[], Tensor], float]:
-    """Diagonal of the im2col second moment, without building im2col (SPEC §3, §7).
+    """Diagonal of the im2col second moment, without building im2col (docs/numerics.md).
 
     ``h[c, i, j] = Σ_b Σ_positions x_pad[b, c, p_h·s_h + i·d_h, p_w·s_w + j·d_w]²``: square and
     sum the input over the batch (and over groups, whose patches are stacked as rows); padding
@@ -329,7 +329,7 @@ def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:
 
 
 # --------------------------------------------------------------------------------------------
-# Normalisation layers (Proposition 3.1 of the paper, as fixed by SPEC §3)
+# Normalisation layers (Proposition 3.1 of the paper; docs/numerics.md#raw-statistics-of-one-call)
 # --------------------------------------------------------------------------------------------
 
 
@@ -446,7 +446,7 @@ def finish_norm_statistics(
 
 
 # --------------------------------------------------------------------------------------------
-# Folding statistics into factors (SPEC §4)
+# Folding statistics into factors (docs/numerics.md#folding-statistics-into-factors)
 # --------------------------------------------------------------------------------------------
 
 
@@ -516,7 +516,7 @@ def flush_subnormal_(v: Tensor) -> Tensor:
     """Set non-negative values below the dtype's smallest normal number to zero, in place.
 
     Factor entries that see no signal decay geometrically (``γ`` or ``0.1γ`` per statistics
-    step) into the subnormal range, where every later multiply is ~50× slower on CPU (SPEC §4).
+    step) into the subnormal range, where every later multiply is ~50× slower on CPU (docs/numerics.md).
     """
     return v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
 
@@ -624,7 +624,7 @@ class KronFactors(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# The update (SPEC §2)
+# The update (docs/numerics.md#the-update)
 # --------------------------------------------------------------------------------------------
 
 

@@ -97,6 +97,12 @@ class LayerHelper:
     """Whether :meth:`output_stats_from_bias_grad` gives ``s`` (the collector then reads the
     bias gradient the layer's backward computes anyway instead of the output gradient ``G``)."""
 
+    s_from_bias_grad_batched: bool = False
+    """Whether :meth:`output_stats_from_bias_grad` is exactly
+    :func:`functional.norm_output_stats_from_bias_grad`: the collector then finishes ``s`` of all
+    such layers in one batched op at the step instead of calling the method per layer. A
+    subclass that overrides the method must set this back to ``False``."""
+
     def output_stats_from_bias_grad(
         self, module: nn.Module, grad_bias: Tensor, batch: int
     ) -> tuple[Tensor, float]:
@@ -114,6 +120,11 @@ class LayerHelper:
             return s_norm, h_norm[-1:]
         return s_norm, h_norm[: param[0].numel()]
 
+    kronecker_form: bool = True
+    """Whether ``F = rows⊗cols + λ`` with :meth:`kron_factors`' vectors (the update then never
+    materialises ``F``). A helper that overrides :meth:`denominator` for an ``F`` without that
+    form must set this to ``False``; the update then calls :meth:`denominator`."""
+
     def denominator(
         self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor,
         damping: float,
@@ -121,7 +132,8 @@ class LayerHelper:
         """The Fisher diagonal ``F`` of ``param`` (same shape), from normalised factors.
 
         Override :meth:`kron_factors` when ``F`` has the Kronecker form (the update then never
-        materialises it); override this only for an ``F`` that has not.
+        materialises it); override this, and set :attr:`kronecker_form` to ``False``, only for
+        an ``F`` that has not.
         """
         rows, cols = self.kron_factors(module, role, param, h_norm, s_norm)
         return fn.KronFactors(rows, cols, damping).materialise(param.shape)
@@ -257,8 +269,9 @@ class BatchNormHelper(LayerHelper):
 
     # y = x̂·w + b per channel: the bias gradient of a call is that call's Σ G over all dims but
     # the channel's, which is all s needs; and h needs only Σx per channel, which the kernel's
-    # saved mean holds (docs/performance.md, "Third round").
+    # saved mean holds (docs/performance.md#norm-layers-read-from-their-kernel).
     s_from_bias_grad = True
+    s_from_bias_grad_batched = True
     h_from_saved_mean = True
 
     def saved_mean_layout(self, module: nn.Module, x_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from lightning_adafisher import functional as fn
 from lightning_adafisher.eigen_optim import EigenbasisSteps
-from lightning_adafisher.layers import LayerHelper, layer_helper_for
+from lightning_adafisher.layers import layer_helper_for
 from lightning_adafisher.state_keys import (  # re-exported: named once
     _STATS_DTYPE_KEYS, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
     EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, STEP,
@@ -574,7 +574,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             return fn.KronFactors(one, one, identity - 1.0)
         layer, role = bound
         h_norm, s_norm = factors
-        if type(layer.helper).denominator is LayerHelper.denominator:
+        if layer.helper.kronecker_form:
             # F = rows⊗cols + λ, left unmaterialised: the update builds it block by block in a
             # small scratch buffer (or inline, when fused).
             rows, cols = layer.helper.kron_factors(layer.module, role, p, h_norm, s_norm)
@@ -658,6 +658,83 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if self._collector is not None:
             self._collector.discard()
             self._collector.active = self._is_statistics_step(self._steps_taken() + 1)
+
+    # --- read-only API: what callbacks, diagnostics and users may inspect ---------------------
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken so far (checkpointed; a step skipped by ``GradScaler`` does
+        not count)."""
+        return self._steps_taken()
+
+    def is_statistics_step(self, t: int) -> bool:
+        """Whether step ``t`` (1-based) gathers and folds statistics:
+        ``(t − 1) % update_interval == 0``."""
+        return self._is_statistics_step(t)
+
+    def next_step_gathers_statistics(self) -> bool:
+        """Whether the hooks record during the coming forward/backward (step ``steps_taken + 1``)."""
+        return self._is_statistics_step(self._steps_taken() + 1)
+
+    def group_for(self, param: Tensor) -> dict[str, Any]:
+        """The param group that holds ``param`` (``KeyError`` if none does). A linear scan:
+        meant for inspection, not for a training loop's inner step."""
+        return self._group_of(param)
+
+    def layer_factors(self, param_or_module: Tensor | nn.Module) -> tuple[Tensor, Tensor] | None:
+        """The normalised diagonal factors ``(H', S')`` of the layer that owns a parameter (or
+        of a module), as the update reads them (``docs/numerics.md#normalisation``).
+
+        ``None`` when the optimizer is not attached, the layer has no supported helper, its
+        first statistics have not been folded yet, or for ``variant="eigen"`` (full factors,
+        no diagonal ones).
+        """
+        primary = self._primary_of(param_or_module)
+        return None if primary is None else self._normalised_factors(primary)
+
+    def fisher_diagonal(self, param: Tensor) -> Tensor | None:
+        """The Fisher diagonal ``F`` (shape of ``param``, damping included) that the update of
+        ``variant="paper"``/``"reference"`` divides ``param``'s first moment by; ``None`` where
+        :meth:`layer_factors` is ``None`` (the update then uses the identity, ``1 + λ``).
+
+        Raises ``ValueError`` when the optimizer is not attached to a model.
+        """
+        if self._collector is None:
+            raise ValueError("AdaFisher is not attached to a model (no statistics hooks yet)")
+        bound = self._binding.get(id(param))
+        factors = None if bound is None else self._normalised_factors(bound[0].primary)
+        if bound is None or factors is None:
+            return None
+        layer, role = bound
+        damping = self._group_of(param)["damping"]
+        return layer.helper.denominator(layer.module, role, param, factors[0], factors[1], damping)
+
+    def identity_parameters(self) -> list[Tensor]:
+        """The trained parameters outside every supported layer: the identity preconditioner
+        for ``"paper"``/``"reference"``, plain Adam for ``"eigen"`` (after its own-gradient
+        factors, when ``gradient_factors`` is on). Empty before :meth:`attach`."""
+        if self._collector is None:
+            return []
+        covered = set(self._binding)
+        if self.variant == "eigen":
+            covered |= {id(unit.param) for unit in self._gradient_factored_params()}
+        return [p for group in self.param_groups for p in group["params"] if id(p) not in covered]
+
+    def skipped_statistics(self) -> dict[str, int]:
+        """Per layer name, how many statistics steps were dropped because they were not finite
+        (checkpointed; ``docs/numerics.md#non-finite-statistics``). Never waits for the device:
+        on CUDA the latest statistics step's check is counted at the next statistics step or
+        ``state_dict()``."""
+        return dict(self._global_state()[GLOBAL_SKIPPED])
+
+    def _primary_of(self, param_or_module: Tensor | nn.Module) -> Tensor | None:
+        if isinstance(param_or_module, nn.Module):
+            if self._collector is None:
+                return None
+            layer = next((lay for lay in self._collector.layers if lay.module is param_or_module), None)
+            return None if layer is None else layer.primary
+        bound = self._binding.get(id(param_or_module))
+        return None if bound is None else bound[0].primary
 
 
 class AdaFisherW(AdaFisher):

@@ -9,7 +9,7 @@ why full backward hooks (which fail on in-place ops) are not used.
 Norm layers need only ``Σ G`` per channel, which is exactly the bias gradient their backward
 computes anyway; when the output comes straight from a norm kernel's autograd node, a post-hook
 on that node reads this call's bias gradient instead, so ``G`` itself is never touched
-(docs/performance.md, "Third round"). Everything else about counting is the same.
+(docs/performance.md). Everything else about counting is the same.
 
 Gating: a call counts only when the collector is active (the optimizer turns it on for statistics
 steps), the module is in training mode and grad is enabled. A forward that runs *inside* a
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_adafisher import functional as fn
-from lightning_adafisher.layers import BatchNormHelper, LayerHelper
+from lightning_adafisher.layers import LayerHelper
 
 __all__ = ["BoundLayer", "PendingStats", "StatisticsCollector"]
 
@@ -167,7 +167,7 @@ class PendingStats:
     A hook may add a *deferred* total (a zero-argument function): the small finishing ops of a
     norm layer's or a conv's statistic then run back to back at the optimizer step instead of
     one by one inside the hooks, where every op costs tens of µs on CPU because its code is cold
-    after the layer's own kernel (docs/performance.md, "Third round"). Totals are resolved, and
+    after the layer's own kernel (docs/performance.md). Totals are resolved, and
     summed, on first read of :attr:`h_total`/:attr:`s_total`.
     """
 
@@ -278,9 +278,7 @@ class StatisticsCollector:
 
     def _make_forward_hook(self, layer: BoundLayer) -> Callable[..., None]:
         name, helper, variant = layer.name, layer.helper, self.variant
-        builtin_bias_grad = (
-            type(helper).output_stats_from_bias_grad is BatchNormHelper.output_stats_from_bias_grad
-        )
+        builtin_bias_grad = helper.s_from_bias_grad_batched
 
         sides = layer.eigen_sides
 

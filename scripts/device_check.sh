@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The CUDA half of the performance issue, as one prepared run for a session that is lent a GPU
-# (the `device` tool; ~15 minutes of device time per task). Writes JSON and logs under $OUT.
+# The CUDA measurements, as one prepared run on a machine with a GPU (about 15 minutes).
+# Writes JSON and logs under $OUT.
 #   run: bash scripts/device_check.sh        (OUT defaults to ./device_out)
-# What it measures (issue "Speed and memory", item 3): ResNet-50 b256 224x224 and the 4-layer
-# GPT-1 b32 x 256 tokens, step-time ratios to fused Adam/AdamW, opt.step() and statistics time,
-# peak step memory; then the CUDA tests of the fused path. Record the numbers in
-# docs/performance.md.
+# What it measures: ResNet-50 b256 224x224 and the 4-layer GPT-1 b32 x 256 tokens, step-time
+# ratios to fused Adam/AdamW, opt.step() and statistics time, peak step memory; then the CUDA
+# tests of the fused path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}

@@ -7,7 +7,7 @@ from torch import nn
 
 class MixedNet(nn.Module):
     """Conv2d (strided; 'same'+dilated+grouped, bias-free), BatchNorm2d, Linear on [B, T, D],
-    LayerNorm, a bias-free Linear and a raw Parameter: every case SPEC §2–3 distinguishes."""
+    LayerNorm, a bias-free Linear and a raw Parameter: every case docs/numerics.md distinguishes."""
 
     def __init__(self) -> None:
         super().__init__()

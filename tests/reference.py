@@ -1,4 +1,4 @@
-"""A float64 reference of AdaFisher written from SPEC.md §2–4, independent of the package.
+"""A float64 reference of AdaFisher written from docs/numerics.md, independent of the package.
 
 Statistics are computed by brute force (explicit im2col rows built with Python loops, explicit
 sums), factors folded and parameters updated one by one with the formulas as written.
@@ -164,7 +164,7 @@ def forward_backward(model: nn.Module, layers: dict[str, nn.Module], loss_fn):
 
 
 class ReferenceAdaFisher:
-    """Steps a model exactly as SPEC §2–4 say, with statistics gathered by brute force."""
+    """Steps a model exactly as docs/numerics.md says, with statistics gathered by brute force."""
 
     def __init__(
         self, model: nn.Module, *, lr: float, beta: float, gamma: float, damping: float,

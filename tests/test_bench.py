@@ -9,6 +9,8 @@ import math
 import pytest
 
 from lightning_adafisher import bench
+from lightning_adafisher.bench import peers as bench_peers
+from lightning_adafisher.bench.speed import MODELS
 
 ROW_KEYS = {
     "optimizer", "median_step_ms", "mean_step_ms", "ratio_to_baseline", "mean_ratio_to_baseline",
@@ -114,7 +116,7 @@ def test_quality_quick_runs_every_default_workload_and_writes_json_markdown_and_
 
 
 def test_warmup_cosine_schedule():
-    from lightning_adafisher.bench_quality import warmup_cosine
+    from lightning_adafisher.bench.quality import warmup_cosine
 
     factors = [warmup_cosine(k, 100) for k in range(100)]
     assert factors[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # 5% warm-up
@@ -125,8 +127,6 @@ def test_warmup_cosine_schedule():
 def test_speed_times_installed_peers_and_reports_the_ones_that_fail(tmp_path, monkeypatch):
     """Peers from PyPI are rows like any other; one that cannot train the model is listed under
     ``skipped`` with its error instead of ending the benchmark."""
-    from lightning_adafisher import bench_peers
-
     def broken(model, batch):
         opt = bench_peers.torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -149,8 +149,6 @@ def test_speed_times_installed_peers_and_reports_the_ones_that_fail(tmp_path, mo
 
 def test_peers_of_the_test_environment_are_installed():
     """The test extra installs pytorch-optimizer and asdfghjkl, so the test above covers them."""
-    from lightning_adafisher import bench_peers
-
     assert set(bench_peers.peers()) == {
         "po_soap_k10", "po_shampoo_k10", "po_adahessian", "asdl_kfac_k10", "asdl_shampoo_k10",
     }
@@ -164,10 +162,10 @@ def test_cifar_resnet18_is_the_recipes_model_with_a_32x32_first_stage():
 
     from lightning_adafisher.tasks.models import build_image_model
 
-    model, recipe = bench.MODELS["cifar_resnet18"](), build_image_model("cifar_resnet18", 10)
+    model, recipe = MODELS["cifar_resnet18"](), build_image_model("cifar_resnet18", 10)
     assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in recipe.named_parameters()]
     stage_one = {}
-    for name, m in (("cifar", model), ("imagenet", bench.MODELS["resnet18"]())):
+    for name, m in (("cifar", model), ("imagenet", MODELS["resnet18"]())):
         m.layer1.register_forward_hook(lambda mod, a, out, name=name: stage_one.update({name: out.shape[-2:]}))
         with torch.no_grad():
             m.eval()(torch.zeros(1, 3, 32, 32))
@@ -200,3 +198,36 @@ def test_speed_only_times_the_named_optimizers_and_the_baseline(tmp_path):
     assert names == ["adam_fused", "adafisherw_eigen_k10", "fwd_bwd_only"]
     with pytest.raises(ValueError, match=r"Invalid --only: \['nope'\]"):
         bench.main(_speed_args(tmp_path, "--model", "tiny", "--only", "nope"))
+
+
+def test_bench_help_shows_defaults_and_no_markup(capsys):
+    """``--help`` of every benchmark shows its defaults and plain text, not reStructuredText."""
+    for argv in (["--help"], ["speed", "--help"], ["quality", "--help"], ["updates", "--help"]):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(argv)
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith("usage: lightning-adafisher bench"), text[:200]
+        assert "``" not in text and ":mod:" not in text
+        if argv[0] != "--help":
+            assert "(default: " in text
+    with pytest.raises(SystemExit):
+        bench.main(["updates", "--help"])
+    assert "--lr LR" in (text := capsys.readouterr().out) and "(default: 0.001)" in text
+
+
+def test_console_script_help_lists_every_subcommand():
+    """``lightning-adafisher --help`` lists Lightning's subcommands and this package's own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable).with_name("lightning-adafisher")
+    env = dict(os.environ, PYTHONPATH=str(root))
+    run = subprocess.run([str(exe), "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "{fit,validate,test,predict,bench,diagnostics}" in run.stdout
+    for name in ("fit", "validate", "test", "predict", "bench", "diagnostics"):
+        assert f"\n    {name} " in run.stdout, name

@@ -516,3 +516,18 @@ def test_experiment_commands(tmp_path, command):
     for png in pngs:
         h, w = _png_shape(png)
         assert h > 100 and w > 100
+
+
+def test_diagnostics_help_names_the_console_script_and_shows_defaults(capsys):
+    from lightning_adafisher.diagnostics.commands import main
+
+    for argv in (["--help"], ["trajectories", "--help"], ["kronecker", "--help"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith("usage: lightning-adafisher diagnostics"), text[:200]
+        assert "python -m" not in text and "``" not in text
+        if argv[0] != "--help":
+            assert "--epochs EPOCHS" in text and "(default: " in text
+            assert "--lr LR" in text and "(default: 0.001)" in text

@@ -186,7 +186,7 @@ def test_fold_reference_maps_inf_and_skips_nan():
 
 def test_factors_never_hold_subnormal_floats():
     # An entry that never sees signal decays by 0.1γ per reference step; it must reach zero
-    # rather than linger in the subnormal range (50× slower arithmetic on CPU, SPEC §4).
+    # rather than linger in the subnormal range (50× slower arithmetic on CPU, docs/numerics.md).
     H = None
     stat = torch.tensor([0.0, 1.0])
     ok = torch.tensor(True)

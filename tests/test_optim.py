@@ -1,4 +1,4 @@
-"""AdaFisher(W) against the float64 SPEC reference; state_dict; foreach; errors and warnings."""
+"""AdaFisher(W) against the float64 reference; state_dict; foreach; errors and warnings."""
 
 from __future__ import annotations
 

@@ -199,7 +199,7 @@ def _norm_cases():
 def test_norm_statistics_from_the_kernel_equal_the_ones_from_x_and_g(case, ckpt):
     """BatchNorm/LayerNorm read ``s`` off the bias gradient their backward computes (node
     post-hook) and ``h`` off the mean their kernel saved, instead of passes over ``G`` and ``x``;
-    both must equal SPEC §3's formulas, per call. Under activation checkpointing (saved-tensor
+    both must equal the formulas of docs/numerics.md, per call. Under activation checkpointing (saved-tensor
     hooks active) the mean is not read and ``h`` comes from ``x``."""
     from lightning_adafisher.layers import layer_helper_for
     from lightning_adafisher.statistics import _bias_slot, _norm_kernel_node, _saved_mean
@@ -243,7 +243,7 @@ def test_norm_statistics_from_the_kernel_equal_the_ones_from_x_and_g(case, ckpt)
 
 def test_layernorm_over_dim_1_reads_h_from_x():
     """A LayerNorm of a ``[B, D]`` input normalises dim 1, whose sums the row means do not hold:
-    ``h`` comes from ``x`` (and still equals SPEC §3's formula)."""
+    ``h`` comes from ``x`` (and still equals the formula of docs/numerics.md)."""
     from lightning_adafisher.layers import layer_helper_for
 
     norm = nn.LayerNorm(4)
@@ -291,7 +291,7 @@ def test_conv_window_sums_finished_at_the_step_equal_the_eager_ones(size, monkey
 def test_norm_statistics_of_a_step_are_finished_together_with_the_per_layer_numbers():
     """Every norm layer's deferred parts (bias-gradient ``s``, saved-mean ``h``) of a step are
     finished in one batch when the optimizer consumes them; BatchNorm 1d/2d and a LayerNorm over
-    two dims, one of them called twice, each equal SPEC §3's formulas on that layer's own ``x``
+    two dims, one of them called twice, each equal the formulas of docs/numerics.md on that layer's own ``x``
     and ``G`` (float64, 1e-12)."""
     from lightning_adafisher.layers import layer_helper_for
     from lightning_adafisher.statistics import NormPart

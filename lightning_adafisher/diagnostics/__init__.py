@@ -1,7 +1,7 @@
 """Diagnostics that reproduce the paper's analysis figures (optional extra ``diagnostics``).
 
-``python -m lightning_adafisher.diagnostics <command> --out DIR`` (or
-``lightning-adafisher diagnostics <command> ...``), each writing PNGs and a JSON of the numbers
+``lightning-adafisher diagnostics <command> --out DIR`` (or
+``python -m lightning_adafisher.diagnostics <command> ...``), each writing PNGs and a JSON of the numbers
 behind them; see ``docs/diagnostics.md``:
 
 * ``trajectories`` — optimization paths on a loss surface (Appendix C, Figs. 1 and 13):

@@ -1,4 +1,5 @@
-"""``python -m lightning_adafisher.diagnostics <command> --out DIR`` (see ``--help``)."""
+"""``python -m lightning_adafisher.diagnostics <command> --out DIR``: the same as
+``lightning-adafisher diagnostics <command> ...`` (see ``--help``)."""
 
 from lightning_adafisher.diagnostics.commands import main
 

@@ -113,9 +113,14 @@ def iris_2d(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
 
 def digits_tensors(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 8×8 digits as ``[N, 1, 8, 8]`` in [0, 1], shuffled and split 80/20."""
-    from lightning_adafisher.demo import digits_tensors as split
-
-    return split(seed)
+    datasets = optional("sklearn.datasets")
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    n_train = int(0.8 * len(x))
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
 def digits_with_adafisher(seed: int, lr: float) -> tuple[Tensor, Tensor, nn.Module, Any]:

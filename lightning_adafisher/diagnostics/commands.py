@@ -1,7 +1,7 @@
-"""Command line of the diagnostics: ``python -m lightning_adafisher.diagnostics <command> --out DIR``.
+"""Command line of the diagnostics: ``lightning-adafisher diagnostics <command> --out DIR``.
 
-Also reachable as ``lightning-adafisher diagnostics <command> ...``. Every command writes PNGs
-and a JSON of the numbers behind them under ``--out`` and prints a one-line summary per file.
+Also reachable as ``python -m lightning_adafisher.diagnostics <command> ...``. Every command
+writes PNGs and a JSON of the numbers behind them under ``--out`` and prints a one-line summary.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["main"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that shows every option's default."""
 
 
 def _trajectories(args: argparse.Namespace) -> str:
@@ -59,17 +63,24 @@ def _true_fisher(args: argparse.Namespace) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_adafisher.diagnostics",
-        description="Reproduce the AdaFisher paper's diagnostic figures on small offline data.",
+        prog="lightning-adafisher diagnostics",
+        description="Reproduce the AdaFisher paper's diagnostic figures on small offline data. "
+        "Every command writes PNGs and a JSON of the numbers behind them under --out "
+        "(docs/diagnostics.md).",
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], str], help: str, **defaults: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--out", type=Path, required=True, help="output folder (created)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--lr", type=float, default=defaults.pop("lr", 1e-3))
-        p.add_argument("--epochs", type=int, default=defaults.pop("epochs"))
+        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        p.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS,
+                       help="output folder (created)")
+        p.add_argument("--seed", type=int, default=0,
+                       help="data split, initialisation and batch order")
+        p.add_argument("--lr", type=float, default=defaults.pop("lr", 1e-3),
+                       help="learning rate of every optimizer")
+        p.add_argument("--epochs", type=int, default=defaults.pop("epochs"),
+                       help="passes over the training data")
         p.set_defaults(func=func)
         return p
 
@@ -80,16 +91,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=1500, help="scattered loss evaluations of the slice")
     p = add("histograms", _histograms, "preconditioner diagonal over training, Adam vs AdaFisher "
             "(Figs. 4, 11)", epochs=6)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--every", type=int, default=5, help="record every N optimizer steps")
     p = add("kronecker", _kronecker, "full Kronecker factors: Gershgorin discs, noise, SNR (Eq. 7), "
             "heat maps, FFT (Figs. 3, 7-9)", epochs=10)
     p.add_argument("--layers", nargs="+", default=["2", "8"], help="module names of the digits CNN")
-    p.add_argument("--eval-batch", type=int, default=256)
-    p.add_argument("--sigma", type=float, default=1e-3)
+    p.add_argument("--eval-batch", type=int, default=256,
+                   help="samples the full factors are estimated on")
+    p.add_argument("--sigma", type=float, default=1e-3,
+                   help="std of the off-diagonal noise added to the factors")
     p = add("true-fisher", _true_fisher, "MAE between the Kronecker-factored and the true Fisher "
             "diagonal (Fig. 12)", epochs=10)
-    p.add_argument("--eval-size", type=int, default=512)
+    p.add_argument("--eval-size", type=int, default=512,
+                   help="inputs the true Fisher is estimated on")
     p.add_argument("--samples", type=int, default=4, help="labels sampled per input")
     return parser
 

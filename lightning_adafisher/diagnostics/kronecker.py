@@ -8,8 +8,8 @@ AdaFisher keeps only the diagonals of the K-FAC factors of a layer,
   (Conv2d: one row per (image, output position)),
 
 so ``diag(H)`` and ``diag(S)`` are exactly AdaFisher's raw statistics ``h`` and ``s`` of that
-batch (SPEC §3, paper variant). This module builds the full matrices to check the paper's claim
-that their energy sits on the diagonal:
+batch (paper variant; docs/numerics.md#raw-statistics-of-one-call). This module builds the
+full matrices to check the paper's claim that their energy sits on the diagonal:
 
 * :func:`gershgorin_discs` — every eigenvalue lies in the union of the discs
   ``D(a_ii, Σ_{j≠i} |a_ij|)``; small radii relative to the centres mean diagonal dominance;

@@ -1,7 +1,8 @@
 """The diagonal an optimizer divides the update by, per layer (paper Figs. 4 and 11).
 
-* AdaFisher/AdaFisherW: ``F = S'[o]·H'[i] + λ`` (SPEC §2), read from the optimizer's folded
-  factors exactly as its step builds it (``None`` before a layer's first statistics step).
+* AdaFisher/AdaFisherW: ``F = S'[o]·H'[i] + λ`` (docs/numerics.md#the-fisher-diagonal), as
+  ``AdaFisher.fisher_diagonal`` returns it: from the optimizer's folded factors exactly as its
+  step builds it (``None`` before a layer's first statistics step).
 * Adam/AdamW (comparison): the bias-corrected second moment ``v̂ = exp_avg_sq / (1 − β₂^t)``,
   the quantity Adam's update divides by after a square root.
 
@@ -65,17 +66,7 @@ def preconditioner_diagonal(
     """
     param = getattr(module, role)
     if isinstance(optimizer, AdaFisher):
-        bound = optimizer._binding.get(id(param))
-        if bound is None:
-            if optimizer.collector is None:
-                raise ValueError("AdaFisher is not attached to a model (no statistics hooks yet)")
-            return None  # identity preconditioner
-        layer, bound_role = bound
-        factors = optimizer._normalised_factors(layer.primary)
-        if factors is None:
-            return None
-        damping = optimizer._group_of(param)["damping"]
-        return layer.helper.denominator(layer.module, bound_role, param, factors[0], factors[1], damping)
+        return optimizer.fisher_diagonal(param)  # None: identity preconditioner (so far)
     group = next((g for g in optimizer.param_groups if any(q is param for q in g["params"])), None)
     if group is None:
         raise ValueError(f"{type(module).__name__}.{role} is not trained by this optimizer")

@@ -410,7 +410,7 @@ def iris_experiment(
     ada = trajectories["AdaFisher"].optimizer
     assert isinstance(ada, AdaFisher) and ada.collector is not None
     first = ada.collector.layers[0]
-    factors = ada._normalised_factors(first.primary)
+    factors = ada.layer_factors(first.primary)
     numbers: dict[str, Any] = {
         "settings": {"lr": lr, "epochs": epochs, "batch_size": batch_size, "seed": seed,
                      "model": "Linear(2,1,bias=False)-Tanh-Linear(1,3)", "data": "iris, standardised, PCA(2)",
@@ -420,8 +420,7 @@ def iris_experiment(
         },
         "adafisher_first_layer_final": None if factors is None else {
             "H_normalised": factors[0], "S_normalised": factors[1],
-            "F": first.helper.denominator(first.module, "weight", first.primary, factors[0],
-                                          factors[1], ada.param_groups[0]["damping"]).reshape(-1),
+            "F": ada.fisher_diagonal(first.primary).reshape(-1),
         },
         "slice_min": {"loss": float(sl["values"].min()),
                       "at": sl["points"][int(sl["values"].argmin())]},

@@ -5,11 +5,11 @@ estimated here with labels sampled from the model's own predictive distribution 
 ``n_samples`` labels per input) and exact per-sample gradients (``torch.func``:
 ``functional_call`` + ``vmap`` + ``grad``).
 
-Which AdaFisher quantity is compared, and why: AdaFisher's ``F = S'·H' + λ`` (SPEC §2) is built
-from *min-max normalised* factors, so its values lie in ``[λ, 1 + λ]`` whatever the Fisher's
-scale; an absolute error against the true Fisher would measure that normalisation, not the
-approximation. The MAE is therefore taken on the Fisher's own scale, with the *raw* Kronecker
-diagonal that AdaFisher normalises:
+Which AdaFisher quantity is compared, and why: AdaFisher's ``F = S'·H' + λ``
+(docs/numerics.md#the-fisher-diagonal) is built from *min-max normalised* factors, so its
+values lie in ``[λ, 1 + λ]`` whatever the Fisher's scale; an absolute error against the true
+Fisher would measure that normalisation, not the approximation. The MAE is therefore taken on
+the Fisher's own scale, with the *raw* Kronecker diagonal that AdaFisher normalises:
 
 * ``adafisher``: from the optimizer state, ``L·B²·S[o]·H[i]`` with ``H``, ``S`` AdaFisher's
   folded raw factors (EMA over training steps, true labels: the empirical Fisher it actually
@@ -186,12 +186,10 @@ def adafisher_preconditioner(optimizer: AdaFisher, model: nn.Module) -> dict[str
     if optimizer.collector is None:
         return result
     for layer in optimizer.collector.layers:
-        factors = optimizer._normalised_factors(layer.primary)
-        if factors is None:
-            continue
-        for role, p in layer.params.items():
-            damping = optimizer._group_of(p)["damping"]
-            result[names[id(p)]] = layer.helper.denominator(layer.module, role, p, factors[0], factors[1], damping)
+        for p in layer.params.values():
+            diagonal = optimizer.fisher_diagonal(p)
+            if diagonal is not None:
+                result[names[id(p)]] = diagonal
     return result
 
 

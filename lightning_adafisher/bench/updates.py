@@ -1,7 +1,7 @@
 """Update size and spread per layer type: why the diagonal variants lose to Adam.
 
 ``lightning-adafisher bench updates``. Every optimizer trains the same model from the same
-weights on the same batches (a workload of :mod:`lightning_adafisher.bench_quality`) at one
+weights on the same batches (a workload of :mod:`lightning_adafisher.bench.quality`) at one
 learning rate; at every step the update ``Δp`` of each parameter is grouped by the type of the
 layer that owns it (``Linear``, ``Conv2d``, ``Embedding``, ``LayerNorm``, ``BatchNorm``, or
 ``identity`` for parameters no AdaFisher helper supports). Reported, averaged over training:
@@ -24,12 +24,11 @@ import json
 import math
 import statistics
 import warnings
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from lightning_adafisher import bench_quality as bq
+from lightning_adafisher.bench import quality as bq
 from lightning_adafisher.layers import layer_helper_for
 
 __all__ = ["updates", "add_arguments", "run_from_args"]
@@ -120,15 +119,16 @@ def markdown(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=bq._names(bq.TASKS), default=["digits_cnn", "chargpt"],
-                        help="comma-separated (default: %(default)s)")
+                        help="comma-separated")
     parser.add_argument("--optimizers", type=bq._names(list(bq.OPTIMIZERS)),
                         default=["adamw", "adafisherw_paper_k1", "adafisherw_reference_k1", "adafisherw_eigen_k1"],
-                        help="comma-separated (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="one lr for all (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=200, help="(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+                        help="comma-separated")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="one constant learning rate for every optimizer")
+    parser.add_argument("--steps", type=int, default=200, help="training steps")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     parser.add_argument("--subset", type=int, default=None, help="keep this many training rows (tests)")
-    parser.add_argument("--threads", type=int, default=1, help="(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", default="bench_updates.json", help="where to write the JSON")
     # the workloads' own settings, as in bench quality
     parser.set_defaults(epochs=None, cnn_epochs=15, vit_epochs=30, gpt_steps=800, gpt_batch_size=16,
@@ -142,14 +142,3 @@ def run_from_args(args: argparse.Namespace) -> dict:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
     return result
-
-
-def main(argv: list[str] | None = None, run: Callable[[argparse.Namespace], dict] = run_from_args) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-adafisher bench updates",
-                                     description=(__doc__ or "").split("\n\n")[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Optimizer quality on offline data, after MLCommons AlgoPerf: equal tuning budgets, one
 schedule for everyone, selection on validation, seeds, and steps/time to a target.
 
-``lightning-adafisher bench quality`` (or ``python -m lightning_adafisher.bench quality``).
-Workloads (real data that ships inside packages, no download):
+Run with ``lightning-adafisher bench quality``. Workloads (real data that ships inside packages,
+no download):
 
 * ``digits_cnn``: the quickstart's CNN with BatchNorm (``tasks.models.DigitsCNN``) on
   scikit-learn's 8×8 handwritten digits, 15 epochs, batch 32 — a convolutional network;
@@ -579,23 +579,23 @@ def _names(choices: tuple[str, ...] | list[str]) -> Callable[[str], list[str]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=_names(TASKS), default=list(DEFAULT_TASKS),
-                        help=f"comma-separated, from {', '.join(TASKS)} (default: %(default)s)")
+                        help=f"comma-separated, from {', '.join(TASKS)}")
     parser.add_argument("--optimizers", type=_names(list(OPTIMIZERS)), default=list(DEFAULT_OPTIMIZERS),
-                        help=f"comma-separated, from {', '.join(OPTIMIZERS)} (default: %(default)s)")
+                        help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
     parser.add_argument("--seeds", type=_ints, default=[0, 1, 2],
-                        help="seed 0's runs tune the lr; the chosen lr runs every seed (default: %(default)s)")
+                        help="seed 0's runs tune the lr; the chosen lr runs every seed")
     parser.add_argument("--lrs", type=_floats, default=None,
                         help="one lr grid for every optimizer (default: per-family 5-point grids)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of every classification task (default: per task)")
-    parser.add_argument("--cnn-epochs", type=int, default=15, help="digits_cnn (default: %(default)s)")
-    parser.add_argument("--vit-epochs", type=int, default=30, help="digits_vit (default: %(default)s)")
-    parser.add_argument("--gpt-steps", type=int, default=800, help="chargpt (default: %(default)s)")
-    parser.add_argument("--gpt-batch-size", type=int, default=16, help="(default: %(default)s)")
-    parser.add_argument("--gpt-eval-windows", type=int, default=256, help="(default: %(default)s)")
-    parser.add_argument("--context", type=int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--cnn-epochs", type=int, default=15, help="digits_cnn: epochs")
+    parser.add_argument("--vit-epochs", type=int, default=30, help="digits_vit: epochs")
+    parser.add_argument("--gpt-steps", type=int, default=800, help="chargpt: training steps")
+    parser.add_argument("--gpt-batch-size", type=int, default=16, help="chargpt: windows per batch")
+    parser.add_argument("--gpt-eval-windows", type=int, default=256, help="chargpt: windows per evaluation")
+    parser.add_argument("--context", type=int, default=64, help="chargpt: characters per window")
     parser.add_argument("--evals", type=int, default=10,
-                        help="validation evaluations per run, for steps-to-target (default: %(default)s)")
+                        help="validation evaluations per run, for steps-to-target")
     parser.add_argument("--subset", type=int, default=None,
                         help="keep this many training rows (tests); GPT: 200× as many characters")
     parser.add_argument("--quick", action="store_true",
@@ -626,15 +626,3 @@ def run_from_args(args: argparse.Namespace) -> dict:
         plot(result, args.plot)
     print(f"total {result['total_seconds']:.0f} s; wrote {args.out}")
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="lightning-adafisher bench quality", description=(__doc__ or "").split("\n\n")[0],
-    )
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,17 +1,14 @@
-"""Side-by-side step-time and optimizer-memory benchmark, and the optimizer-quality benchmark.
+"""Side-by-side train-step time and optimizer memory: ``lightning-adafisher bench speed``.
 
-``python -m lightning_adafisher.bench speed`` (or ``lightning-adafisher bench speed``). Every
-optimizer trains its own copy of the same model on the same batch; one train step
+Every optimizer trains its own copy of the same model on the same batch; one train step
 (zero_grad + forward + backward + step) per optimizer per round, rounds interleaved so that
 machine noise hits all of them alike; the median over rounds is reported, with ratios to the
 baseline (fused Adam; fused AdamW for the GPT). Also reported: forward+backward alone (what the
-optimizers add to), optimizer state bytes, and AdaFisher's persistent workspace. Second-order
-peers from PyPI (Shampoo, AdaHessian, K-FAC; :mod:`lightning_adafisher.bench_peers`) are timed
-too when their packages are installed. ``--batch-sizes`` sweeps the batch size (statistics cost
-is linear in it). Results are printed as a table and written as JSON.
-
-``lightning-adafisher bench quality`` compares optimizers on offline data AlgoPerf-style (equal
-tuning budgets, one schedule, seeds, steps to a target); see :mod:`lightning_adafisher.bench_quality`.
+optimizers add to), the optimizer step and the statistics hooks timed on their own, optimizer
+state bytes, and AdaFisher's persistent workspace. Second-order peers from PyPI (Shampoo,
+AdaHessian, K-FAC; :mod:`lightning_adafisher.bench.peers`) are timed too when their packages are
+installed. ``--batch-sizes`` sweeps the batch size (statistics cost is linear in it). Results
+are printed as a table and written as JSON.
 """
 
 from __future__ import annotations
@@ -28,11 +25,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lightning_adafisher import bench_peers
-from lightning_adafisher.bench_peers import Batch, plain_step
+from lightning_adafisher.bench import peers as bench_peers
+from lightning_adafisher.bench.peers import Batch, plain_step
 from lightning_adafisher.optim import AdaFisher, AdaFisherW
 
-__all__ = ["main", "speed"]
+__all__ = ["MODELS", "add_arguments", "run_from_args", "speed"]
 
 GPT_VOCAB = 512
 """Vocabulary of the benchmark GPT (a small one: the head's cost is not what is measured)."""
@@ -338,23 +335,21 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-adafisher bench", description=__doc__)
-    sub = parser.add_subparsers(dest="mode", required=True)
-    sp = sub.add_parser("speed", help="train-step time and optimizer memory vs torch baselines")
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    """The options of ``bench speed``."""
     sp.add_argument("--model", choices=sorted(MODELS) + sorted(LANGUAGE_MODELS), default="resnet18",
                     help="resnet18: torchvision's (ImageNet stem: 8x8 maps after it on 32x32 images); "
                          "cifar_resnet18: the recipes' (3x3 stem, 32x32 first stage)")
     sp.add_argument("--batch-size", type=int, default=None,
-                    help="default: 32 (images), 8 (GPT)")
+                    help="None: 32 (images), 8 (GPT)")
     sp.add_argument("--batch-sizes", type=_int_list, default=None,
                     help="sweep, e.g. 16,32,64,128 (overrides --batch-size)")
-    sp.add_argument("--image-size", type=int, default=32)
+    sp.add_argument("--image-size", type=int, default=32, help="height and width of the images")
     sp.add_argument("--context", type=int, default=64, help="GPT tokens per sequence")
-    sp.add_argument("--repeats", type=int, default=10)
-    sp.add_argument("--warmup", type=int, default=3)
-    sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--repeats", type=int, default=10, help="timed rounds (the median is reported)")
+    sp.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    sp.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     sp.add_argument("--fused", action="store_true",
                     help="also time AdaFisher(fused=True) (compiles on the first step)")
     sp.add_argument("--no-peers", dest="peers", action="store_false",
@@ -362,21 +357,10 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--only", type=lambda text: [v for v in text.split(",") if v], default=None,
                     help="time just these optimizers, comma-separated (the baseline always)")
     sp.add_argument("--out", default="bench_speed.json", help="where to write the JSON")
-    qp = sub.add_parser("quality", help="optimizer quality on offline data (bench_quality)")
-    from lightning_adafisher import bench_quality
 
-    bench_quality.add_arguments(qp)
-    up = sub.add_parser("updates", help="update size and spread per layer type (bench_updates)")
-    from lightning_adafisher import bench_updates
 
-    bench_updates.add_arguments(up)
-    args = parser.parse_args(argv)
-    if args.mode == "quality":
-        bench_quality.run_from_args(args)
-        return
-    if args.mode == "updates":
-        bench_updates.run_from_args(args)
-        return
+def run_from_args(args: argparse.Namespace) -> dict:
+    """Run ``bench speed`` as parsed by :func:`add_arguments`; print, write and return the result."""
     sizes = args.batch_sizes or [args.batch_size]
     results = []
     for size in sizes:
@@ -391,7 +375,4 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    return out

@@ -1,7 +1,9 @@
-"""Plain-PyTorch demo: a small CNN on scikit-learn's handwritten digits (real data, offline).
+"""Plain-PyTorch example: a small CNN on scikit-learn's handwritten digits (real data, offline).
 
-``python -m lightning_adafisher.demo [--optimizer adafisherw|adamw] [--epochs N]`` trains on a
-fixed 80/20 split of the 1,797 8×8 digit images and prints the test accuracy and run time.
+    python examples/digits_demo.py [--optimizer adafisherw|adamw] [--epochs N]
+
+trains on a fixed 80/20 split of the 1,797 8×8 digit images and prints the test accuracy and
+the run time. Needs scikit-learn (``pip install scikit-learn``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def digits_tensors(seed: int = 0) -> tuple[torch.Tensor, ...]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise SystemExit("the demo needs scikit-learn: pip install scikit-learn") from err
+        raise SystemExit("this example needs scikit-learn: pip install scikit-learn") from err
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
@@ -68,10 +70,12 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--optimizer", default="adafisherw", choices=["adafisherw", "adamw"])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description="Train a small CNN on the digits with AdaFisherW or AdamW.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--optimizer", default="adafisherw", choices=["adafisherw", "adamw"],
+                        help="optimizer")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    parser.add_argument("--seed", type=int, default=0, help="split, initialisation and batch order")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     acc = train(args.optimizer, args.epochs, seed=args.seed)
