@@ -25,11 +25,16 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lightning_adafisher.bench import ops as bench_ops
 from lightning_adafisher.bench import peers as bench_peers
+from lightning_adafisher.bench.ops import cuda_code_path
 from lightning_adafisher.bench.peers import Batch, plain_step
 from lightning_adafisher.optim import AdaFisher, AdaFisherW
 
 __all__ = ["MODELS", "add_arguments", "run_from_args", "speed"]
+
+OPS_STEPS = 10
+"""Steps whose ops ``--count-ops`` counts: one cycle of a statistics-every-10-steps optimizer."""
 
 GPT_VOCAB = 512
 """Vocabulary of the benchmark GPT (a small one: the head's cost is not what is measured)."""
@@ -142,6 +147,7 @@ def speed(
     fused: bool = False,
     peers: bool = True,
     only: list[str] | None = None,
+    count_ops: bool = False,
 ) -> dict:
     """Run the benchmark at one batch size and return its results (see module docstring).
 
@@ -149,7 +155,9 @@ def speed(
     ``resnet50``/``tiny`` (images ``image_size``², 10 classes, fused Adam
     baseline) or ``gpt``/``gpt_tiny`` (``context`` tokens of a 512-token vocabulary, next-token
     loss, fused AdamW baseline). ``only``: time just these optimizers (the baseline is always
-    timed, first).
+    timed, first). ``count_ops``: after the timed rounds, also count the compute ops each
+    optimizer's train step dispatches over ``OPS_STEPS`` steps, on the code path CUDA runs
+    (:mod:`lightning_adafisher.bench.ops`): a GPU's launch count, measurable on any machine.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -243,6 +251,17 @@ def speed(
                 times[name].append(elapsed)
                 if collector is not None:
                     stats_seconds[name].append(collector.seconds)
+    ops: dict[str, list[int]] = {}
+    if count_ops:
+        for name, (_, opt, step) in runs.items():
+            try:
+                with warnings.catch_warnings(), cuda_code_path([opt]):
+                    warnings.simplefilter("ignore")
+                    ops[name] = [bench_ops.count_ops(step).total for _ in range(OPS_STEPS)]
+            except Exception as error:  # noqa: BLE001 - a peer that cannot run under a dispatch mode
+                if name not in peer_names:
+                    raise
+                skipped[name] = f"op count: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
     median = {name: statistics.median(ts) for name, ts in times.items()}
     mean = {name: statistics.fmean(ts) for name, ts in times.items()}
     baseline = median[baseline_name]
@@ -278,6 +297,10 @@ def speed(
                 optimizer_step_ms=opt_ms,
                 statistics_ms=stats_ms,
                 component_ratio_to_baseline=component_ratio,
+                # mean and most over OPS_STEPS steps (a statistics-every-k optimizer's cycle)
+                ops_per_step=statistics.fmean(ops[name]) if name in ops else None,
+                ops_max=max(ops[name]) if name in ops else None,
+                ops_ratio_to_baseline=(max(ops[name]) / max(ops[baseline_name])) if name in ops else None,
             )
         )
     return dict(
@@ -321,6 +344,13 @@ def _print_table(result: dict) -> None:
             f"{row['state_bytes'] / 2**20:9.2f} "
             f"{row['state_ratio_to_baseline']:14.3f} {row['workspace_bytes'] / 2**20:8.2f}"
         )
+    counted = [row for row in result["rows"] if row.get("ops_max") is not None]
+    if counted:
+        print(f"compute ops per train step on CUDA's code path ({OPS_STEPS} steps):")
+        print(f"{'optimizer':26s} {'mean':>7s} {'most':>6s} {'most × ' + base:>18s}")
+        for row in counted:
+            print(f"{row['optimizer']:26s} {row['ops_per_step']:7.1f} {row['ops_max']:6d} "
+                  f"{row['ops_ratio_to_baseline']:18.2f}")
     for name, reason in result.get("skipped", {}).items():
         print(f"{name:26s} skipped: {reason}")
 
@@ -356,6 +386,9 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
                     help="skip the installed second-order peers (pytorch-optimizer, asdfghjkl)")
     sp.add_argument("--only", type=lambda text: [v for v in text.split(",") if v], default=None,
                     help="time just these optimizers, comma-separated (the baseline always)")
+    sp.add_argument("--count-ops", action="store_true",
+                    help="also count the compute ops per train step on the code path CUDA runs "
+                         "(a GPU's kernel launches; taken on any device)")
     sp.add_argument("--out", default="bench_speed.json", help="where to write the JSON")
 
 
@@ -367,7 +400,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
         result = speed(
             args.model, size, args.image_size, args.repeats, args.warmup,
             args.device, args.threads, context=args.context, fused=args.fused, peers=args.peers,
-            only=args.only,
+            only=args.only, count_ops=args.count_ops,
         )
         _print_table(result)
         results.append(result)
