@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lightning_adafisher import eigen as eg
 from lightning_adafisher import functional as fn
+from lightning_adafisher.distributed import is_rank_zero
 from lightning_adafisher.state_keys import (
     EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGEN_REFRESHED_AT, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
     EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, STEP,
@@ -184,7 +185,7 @@ class EigenbasisSteps:
                 if q is not None:
                     state[basis] = q
             state[EIGEN_REFRESHED_AT] = updates
-        if failed:
+        if failed and is_rank_zero():
             eg.warn_eigh_failed(failed)
 
     # --- update ----------------------------------------------------------------------------

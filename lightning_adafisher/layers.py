@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from lightning_adafisher import compat
 from lightning_adafisher import eigen as eg
 from lightning_adafisher import functional as fn
 
@@ -349,10 +350,11 @@ class TransposedLinearHelper(LinearHelper):
         return out
 
 
+_BATCHNORM_HELPER = BatchNormHelper()
 _REGISTRY: list[tuple[type[nn.Module], LayerHelper]] = [
     (nn.Linear, LinearHelper()),
     (nn.Conv2d, Conv2dHelper()),
-    (nn.modules.batchnorm._BatchNorm, BatchNormHelper()),
+    *((bn, _BATCHNORM_HELPER) for bn in compat.batchnorm_types()),
     (nn.LayerNorm, LayerNormHelper()),
     (nn.Embedding, EmbeddingHelper()),
 ]

@@ -15,6 +15,8 @@ state lives in ``optimizer.state`` so ``state_dict()`` checkpoints it and Lightn
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_adafisher import functional as fn
+from lightning_adafisher.distributed import is_rank_zero
 from lightning_adafisher.eigen_optim import EigenbasisSteps
 from lightning_adafisher.layers import LayerHelper, layer_helper_for
 from lightning_adafisher.state_keys import (  # re-exported: named once
@@ -60,6 +63,30 @@ _ALGORITHM = r"""
                 {coupled_decay}m ← βm + (1−β)g
                 p ← p − α·{update}
 """
+
+
+_INTERNAL_PACKAGES = ("torch", "lightning", "lightning_fabric", "pytorch_lightning")
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in :func:`warn`) of the first frame outside
+    this package, torch and Lightning: the user's line, through ``torch.no_grad``'s and the
+    LR schedulers' ``step`` wrappers and Lightning's loop alike."""
+    prefixes = [os.path.dirname(os.path.abspath(__file__)) + os.sep]
+    for name in _INTERNAL_PACKAGES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            prefixes.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+    level, frame = 2, sys._getframe(2)  # the caller of warn()
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(tuple(prefixes)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn(message: str) -> None:
+    """The optimizer's warnings: on rank zero only, attributed to the user's line."""
+    if is_rank_zero():
+        warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -279,10 +306,9 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             helper.check(module)
             shared = [role for role, p in params.items() if id(p) in claimed]
             for role in shared:
-                warnings.warn(
+                warn(
                     f"AdaFisher: parameter {name}.{role} is shared with "
-                    f"{claimed[id(params[role])]}; it gets factors from that layer only",
-                    stacklevel=2,
+                    f"{claimed[id(params[role])]}; it gets factors from that layer only"
                 )
                 del params[role]
             if not params:
@@ -300,17 +326,15 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         ]
         # eigen: every parameter without an eigenbasis layer is trained by Adam, by design
         if not eigen and not layers:
-            warnings.warn(
+            warn(
                 f"AdaFisher: {type(model).__name__} has no supported layer (Linear, Conv2d, "
                 "BatchNorm, LayerNorm, Embedding or a registered helper); every parameter uses the identity "
-                "preconditioner",
-                stacklevel=2,
+                "preconditioner"
             )
         elif not eigen and identity:
-            warnings.warn(
+            warn(
                 f"AdaFisher: {len(identity)} parameter(s) have no supported layer and use the "
-                f"identity preconditioner: {', '.join(identity)}",
-                stacklevel=2,
+                f"identity preconditioner: {', '.join(identity)}"
             )
         self._binding = {id(p): (layer, role) for layer in layers for role, p in layer.params.items()}
         self._parameter_names = names
@@ -411,11 +435,10 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         seen = set(names)
         missing = [layer.name for layer in layers if layer.name not in seen]
         if missing:
-            warnings.warn(
+            warn(
                 "AdaFisher: these layers received no statistics on the first statistics step "
                 f"and {meanwhile} until they do (not called through their forward, outside "
-                f"training mode, or no gradient reached them): {', '.join(missing)}",
-                stacklevel=4,
+                f"training mode, or no gradient reached them): {', '.join(missing)}"
             )
 
     def _fold_batch(
@@ -517,11 +540,10 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         for name in bad:
             skipped[name] = skipped.get(name, 0) + 1
         what = "inf/NaN" if self.variant == "paper" else "NaN"
-        warnings.warn(
+        warn(
             f"AdaFisher: statistics containing {what} were not folded into the factors of "
             f"{', '.join(bad)} (their H and S are unchanged this step); counts so far are in "
-            "optimizer.state['adafisher']['skipped_statistics']",
-            stacklevel=4,
+            "optimizer.state['adafisher']['skipped_statistics']"
         )
 
     def _warn_unattached(self) -> None:
@@ -532,11 +554,10 @@ class AdaFisher(EigenbasisSteps, Optimizer):
                 "from their gradients, the rest are trained by Adam)"
                 if self.variant == "eigen" else "so every parameter uses the identity preconditioner"
             )
-            warnings.warn(
+            warn(
                 f"AdaFisher has no statistics hooks, {what}: pass the model (AdaFisher(model)), "
                 "call optimizer.attach(model), or add lightning_adafisher.AdaFisherCallback to "
-                "the Trainer",
-                stacklevel=3,
+                "the Trainer"
             )
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
@@ -612,11 +633,18 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             foreach = bool(params) and all(p.is_cuda for p in params)
         fused = group.get("fused", False)
         denoms = [self._denominator(p, group["damping"], fused) for p in params]
+        compiled_before = fused and fn.fused_failure() is None
         fn.adafisher_update(
             params, grads, exp_avgs, denoms, steps,
             lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],
             decoupled=self._decoupled, foreach=foreach, fused=fused, workspace=self._scratch,
         )
+        if compiled_before and fn.fused_failure() is not None:
+            warn(
+                f"AdaFisher(fused=True): torch.compile of the fused update failed "
+                f"({fn.fused_failure()}); using the eager update from now on (same numbers, "
+                "slower). Pass fused=False to silence."
+            )
 
     # --- checkpointing ----------------------------------------------------------------------
 

@@ -158,6 +158,48 @@ def test_unattached_optimizer_warns_once_and_uses_identity():
     torch.testing.assert_close(lin.weight, before - 0.1 * lin.weight.grad / 1.001)
 
 
+def test_no_hooks_warning_points_at_the_callers_line():
+    """``step`` is wrapped by ``torch.no_grad`` and torch.optim's profiling wrapper (and an LR
+    scheduler's, once one is attached): the warning still names this file, not torch's."""
+    lin = nn.Linear(3, 2)
+    opt = AdaFisher(lin.parameters(), lr=0.1, variant="paper")
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    lin(torch.randn(4, 3)).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    [w] = [w for w in caught if "no statistics hooks" in str(w.message)]
+    assert w.filename == __file__
+
+
+def _fake_rank(monkeypatch, rank):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_optimizer_warnings_are_printed_on_rank_zero_only(monkeypatch, rank):
+    """Under DDP every rank runs the same code: identity, no-hooks and skipped-statistics
+    warnings print once, on rank zero; the counters are kept on every rank."""
+    _fake_rank(monkeypatch, rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        AdaFisher(make_mixed(), variant="paper")  # identity: the raw Parameter
+        lin = nn.Linear(3, 2).double()
+        AdaFisher(lin.parameters(), lr=0.1, variant="paper").step()  # no hooks
+        opt = AdaFisher(lin, lr=0.1, variant="paper")
+        bad = torch.full((4, 3), float("inf"), dtype=torch.float64)
+        out = lin(bad)
+        out.masked_fill(~torch.isfinite(out), 0.0).sum().backward()
+        opt.step()  # non-finite statistics
+    messages = [str(w.message) for w in caught if "AdaFisher" in str(w.message)]
+    assert len(messages) == (3 if rank == 0 else 0), messages
+    assert opt.state["adafisher"]["skipped_statistics"] == {"Linear": 1}
+
+
 def test_no_supported_layer_warns():
     class Bare(nn.Module):
         def __init__(self):
