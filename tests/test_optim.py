@@ -406,33 +406,69 @@ def test_channels_last_weights_take_the_materialised_path_with_the_same_numbers(
 
 
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts tensor → Python scalar conversions (.item(), bool(), float()): on an accelerator
-    each one waits for the device."""
+    """Counts ops that read device data back to the host: tensor → Python scalar conversions
+    (.item(), bool(), float()) and ops whose output shape depends on the data (bincount,
+    nonzero, masked_select: sized from a value read back). On an accelerator each one waits
+    for the device."""
 
-    def __init__(self) -> None:
+    SYNCING_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+    def __init__(self, shapes_from_data: bool = True) -> None:
         super().__init__()
+        self.tags = self.SYNCING_TAGS if shapes_from_data else self.SYNCING_TAGS[:1]
         self.count = 0
+        self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if any(tag in func.tags for tag in self.tags):
             self.count += 1
+            self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
-def test_hooks_and_step_read_nothing_back_from_the_device():
+class _TokenNet(nn.Module):
+    """Embedding, transformers' Conv1D (when installed), LayerNorm and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:
+            self.proj = nn.Linear(6, 8)
+        else:
+            self.proj = Conv1D(8, 6)
+        self.ln, self.head = nn.LayerNorm(8), nn.Linear(8, 5)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.ln(self.proj(self.emb(ids))))).mean(1)
+
+
+def _token_batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 11, (4, 7), generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("net", ["mixed", "tokens"])
+def test_hooks_and_step_read_nothing_back_from_the_device(net):
     """With the skip check deferred (the CUDA default), neither the statistics hooks nor the
-    step (fold + update) turn a tensor into a Python value."""
-    model = make_mixed()
+    step (fold + update) read anything back from the device: conv, BatchNorm, Linear on
+    tokens, LayerNorm, a raw Parameter; Embedding and Conv1D."""
+    torch.manual_seed(0)
+    model, batches = (make_mixed(), _batches(3)) if net == "mixed" else (_TokenNet().double(), _token_batches(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = AdaFisherW(model, weight_decay=0.1, variant="paper", **HP)
     opt.defer_skip_check = True
-    for x, y in _batches(3):
+    assert len(opt.collector.layers) == (6 if net == "mixed" else 4)
+    for k, (x, y) in enumerate(batches):
         opt.zero_grad()
-        with _HostReads() as reads:
+        # The first step builds shape-keyed constants (cached) from Python values on the host,
+        # with data-dependent shapes but no device data; from then on, nothing at all.
+        with _HostReads(shapes_from_data=k > 0) as reads:
             _loss(model, (x, y)).backward()
             opt.step()
-        assert reads.count == 0
+        assert reads.count == 0, reads.ops
         assert opt._pending_check is not None  # this step's flags left unread for later
 
 
