@@ -15,6 +15,7 @@ state lives in ``optimizer.state`` so ``state_dict()`` checkpoints it and Lightn
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 import sys
 import warnings
@@ -26,7 +27,7 @@ from torch.optim import Optimizer
 
 from lightning_adafisher import functional as fn
 from lightning_adafisher.distributed import is_rank_zero
-from lightning_adafisher.eigen_optim import EigenbasisSteps
+from lightning_adafisher.eigen_optim import EigenbasisSteps, matrix_shape
 from lightning_adafisher.layers import LayerHelper, layer_helper_for
 from lightning_adafisher.state_keys import (  # re-exported: named once
     _STATS_DTYPE_KEYS, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
@@ -44,7 +45,14 @@ untuned (docs/benchmarks.md)."""
 
 _SAME_IN_ALL_GROUPS = ("variant", "update_interval", "eigen_interval", "max_factor_size", "gradient_factors")
 """Hyperparameters that fix the statistics' schedule and layout: one value for the optimizer."""
-_LATER_DEFAULTS = dict(beta2=0.95, eps=1e-8, eigen_interval=10, max_factor_size=2048, gradient_factors=True)
+_LATER_DEFAULTS = dict(
+    beta2=0.95, eps=1e-8, eigen_interval=10, max_factor_size=2048, gradient_factors=True,
+    foreach=None, fused=False,
+)
+"""Hyperparameters added after the first release: a checkpoint without them gets these."""
+_FIRST_KEYS = ("lr", "beta", "gamma", "damping", "weight_decay", "update_interval", "variant")
+"""Hyperparameters every AdaFisher checkpoint holds: without them, the state is another
+optimizer's."""
 
 StatisticsReducer = Callable[[list[BoundLayer], dict[str, PendingStats]], dict[str, PendingStats]]
 
@@ -89,10 +97,17 @@ def warn(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
 
 
+_REAL_HYPERPARAMETERS = ("lr", "beta", "gamma", "damping", "weight_decay", "beta2", "eps")
+
+
 def _check_hyperparameters(group: dict[str, Any]) -> None:
+    for key in _REAL_HYPERPARAMETERS:
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"Invalid {key}: {value!r} (expected a real number)")
     lr, beta, gamma, damping = group["lr"], group["beta"], group["gamma"], group["damping"]
     wd, interval, variant = group["weight_decay"], group["update_interval"], group["variant"]
-    if isinstance(lr, Tensor) or not 0.0 <= lr:
+    if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"Invalid beta: {beta} (expected 0 <= beta < 1)")
@@ -660,8 +675,55 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             state_dict["state"][GLOBAL] = copy.deepcopy(state_dict["state"][GLOBAL])
         return state_dict
 
+    def _expected_state_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        """The shape every state tensor of ``p`` must have for this model (those known)."""
+        shapes = {EXP_AVG: tuple(p.shape), EXP_AVG_SQ: tuple(p.shape)}
+        bound = self._binding.get(id(p))
+        if bound is not None and bound[0].primary is p:
+            layer = bound[0]
+            n_h, n_s = layer.helper.factor_sizes(layer.module)
+            if self.variant != "eigen":
+                shapes[FACTOR_H], shapes[FACTOR_S] = (n_h,), (n_s,)
+                return shapes
+            cols = self._eigen_columns(layer)
+            shapes[EIGEN_EXP_AVG] = shapes[EIGEN_EXP_AVG_SQ] = (n_s, cols)
+            shapes[FACTOR_H] = shapes[EIGENBASIS_H] = (cols, cols)
+            shapes[FACTOR_S] = shapes[EIGENBASIS_S] = (n_s, n_s)
+        elif bound is None and self.variant == "eigen" and (matrix := matrix_shape(p)) is not None:
+            shapes[EIGEN_EXP_AVG] = shapes[EIGEN_EXP_AVG_SQ] = matrix
+            shapes[FACTOR_H] = shapes[EIGENBASIS_H] = (matrix[1], matrix[1])
+            shapes[FACTOR_S] = shapes[EIGENBASIS_S] = (matrix[0], matrix[0])
+        return shapes
+
+    def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, naming what does not fit, a state saved by another optimizer or for a
+        different model (which would otherwise load and fail at the next ``step``)."""
+        saved_groups = state_dict.get("param_groups", [])
+        missing = sorted({key for group in saved_groups for key in _FIRST_KEYS if key not in group})
+        if missing:
+            raise ValueError(
+                f"Cannot load this state into {type(self).__name__}: it comes from another "
+                f"optimizer (its param groups lack {', '.join(missing)}). Load it into the "
+                "optimizer that saved it, or start this one from a fresh state."
+            )
+        saved_state = state_dict.get("state", {})
+        for g, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups)):
+            for j, (p, index) in enumerate(zip(group["params"], saved_group["params"])):
+                saved = saved_state.get(index, {})
+                for key, shape in self._expected_state_shapes(p).items():
+                    value = saved.get(key)
+                    if isinstance(value, Tensor) and tuple(value.shape) != shape:
+                        name = self._parameter_names.get(id(p), f"of shape {tuple(p.shape)}")
+                        raise ValueError(
+                            f"Cannot load this state: for parameter {name} (param group {g}, "
+                            f"index {j}) the saved {key} has shape {tuple(value.shape)}, this "
+                            f"model needs {shape}. Was the model changed since the checkpoint "
+                            "was saved?"
+                        )
+
     @staticmethod
     def _before_load_state_dict(self: AdaFisher, state_dict: dict[str, Any]) -> None:
+        self._check_loaded_state(state_dict)
         # torch casts every floating state tensor to its parameter's dtype while loading; a
         # bf16 model's float32 factors (and the eigen variant's bases and moments) would come
         # back rounded to bf16. Keep the saved tensors to restore them after the load.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -232,6 +233,14 @@ def test_frozen_parameters_skipped():
         (dict(update_interval=0), "Invalid update_interval: 0"),
         (dict(update_interval=2.5), "Invalid update_interval: 2.5"),
         (dict(variant="kfac"), "Invalid variant: 'kfac' (expected 'paper', 'reference' or 'eigen')"),
+        (dict(lr="abc"), "Invalid lr: 'abc' (expected a real number)"),
+        (dict(lr=torch.tensor(0.1)), "Invalid lr: tensor(0.1000) (expected a real number)"),
+        (dict(beta="0.9"), "Invalid beta: '0.9' (expected a real number)"),
+        (dict(gamma=None), "Invalid gamma: None (expected a real number)"),
+        (dict(damping=[1e-3]), "Invalid damping: [0.001] (expected a real number)"),
+        (dict(weight_decay=True), "Invalid weight_decay: True (expected a real number)"),
+        (dict(beta2="x"), "Invalid beta2: 'x' (expected a real number)"),
+        (dict(eps=1j), "Invalid eps: 1j (expected a real number)"),
     ],
 )
 def test_bad_hyperparameters_raise_with_the_value(kwargs, message):
@@ -548,3 +557,74 @@ def test_bfloat16_model_keeps_its_float32_factors_bit_for_bit_across_load_state_
         before, after = opt.state[net[0].weight][key], opt2.state[net[0].weight][key]
         assert after.dtype == torch.float32 and torch.equal(before, after), key
         assert after.data_ptr() != before.data_ptr()  # a copy: the saved dict stays the caller's
+
+
+def _trained_state(model, variant, steps=2):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(model, lr=1e-2, variant=variant)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("variant", ["paper", "eigen"])
+def test_loading_the_state_of_a_different_model_names_the_parameter_and_both_shapes(variant):
+    """The model changed between save and resume (a wider hidden layer): refused at
+    ``load_state_dict``, instead of loading silently and failing at the next step."""
+    torch.manual_seed(0)
+    old = nn.Sequential(nn.Linear(4, 24), nn.Tanh(), nn.Linear(24, 2)).double()
+    new = nn.Sequential(nn.Linear(4, 40), nn.Tanh(), nn.Linear(40, 2)).double()
+    saved = _trained_state(old, variant).state_dict()
+    opt = _trained_state(new, variant, steps=0)
+    key, shape, want = ("exp_avg", (24, 4), (40, 4)) if variant == "paper" else ("eigen_exp_avg", (24, 5), (40, 5))
+    message = (
+        f"for parameter 0.weight (param group 0, index 0) the saved {key} has shape {shape}, "
+        f"this model needs {want}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        opt.load_state_dict(saved)
+
+
+def test_loading_another_optimizers_state_says_so_and_lists_the_missing_keys():
+    lin = nn.Linear(3, 2)
+    adam = torch.optim.Adam(lin.parameters())
+    lin(torch.randn(4, 3)).sum().backward()
+    adam.step()
+    opt = AdaFisher(lin, variant="paper")
+    message = (
+        "Cannot load this state into AdaFisher: it comes from another optimizer (its param "
+        "groups lack beta, damping, gamma, update_interval, variant)"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        opt.load_state_dict(adam.state_dict())
+
+
+def test_a_checkpoint_from_before_the_later_hyperparameters_still_loads_and_continues():
+    """Older AdaFisher checkpoints lack the hyperparameters added since: they load with the
+    defaults those had, and training continues exactly as from the full checkpoint."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    full = _trained_state(model, "paper").state_dict()
+    old = copy.deepcopy(full)
+    for group in old["param_groups"]:
+        for key in ("beta2", "eps", "eigen_interval", "max_factor_size", "gradient_factors", "foreach", "fused"):
+            del group[key]
+    results = []
+    for saved in (full, old):
+        net = copy.deepcopy(model)
+        opt = _trained_state(net, "paper", steps=0)
+        opt.load_state_dict(copy.deepcopy(saved))
+        _trained_state_step(net, opt)
+        results.append([p.detach().clone() for p in net.parameters()])
+    for p, q in zip(*results):
+        assert torch.equal(p, q)
+
+
+def _trained_state_step(model, opt):
+    opt.zero_grad()
+    model(torch.ones(6, 4, dtype=torch.float64)).square().mean().backward()
+    opt.step()
