@@ -219,6 +219,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             update_interval=update_interval, variant=variant, beta2=beta2, eps=eps,
             eigen_interval=eigen_interval, max_factor_size=max_factor_size,
             gradient_factors=gradient_factors, foreach=foreach, fused=fused,
+            betas=(beta, beta2),
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -231,6 +232,8 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         self._layouts: dict[tuple[tuple[int, ...], torch.device], tuple[fn.Segments, fn.Segments]] = {}
         self._workspace: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         """Scratch for one block of a weight's ``F`` at a time (single-tensor path; not state)."""
+        self._synced_betas: dict[int, tuple[float, float]] = {id(g): g["betas"] for g in self.param_groups}
+        """Per param group (by id): ``betas`` as last reconciled with ``beta``/``beta2``."""
         self._warned_unattached = False
         self._checked_first_statistics = False
         self.statistics_reducer: StatisticsReducer | None = None
@@ -252,8 +255,13 @@ class AdaFisher(EigenbasisSteps, Optimizer):
     # --- param groups -----------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        given = set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if "betas" in given and not given & {"beta", "beta2"}:
+            group["beta"], group["beta2"] = group["betas"]  # a group written torch-style
+        else:
+            group["betas"] = (group["beta"], group["beta2"])
         try:
             _check_hyperparameters(group)
             first = self.param_groups[0]
@@ -267,12 +275,29 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             self.param_groups.pop()
             raise
         self._gradient_factored = None
+        if hasattr(self, "_synced_betas"):  # not yet during __init__ (set right after)
+            self._synced_betas[id(group)] = group["betas"]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # checkpoints written before these hyperparameters
             for key, value in _LATER_DEFAULTS.items():
                 group.setdefault(key, value)
+            group.setdefault("betas", (group["beta"], group["beta2"]))
+
+    def _sync_betas(self) -> None:
+        """Reconcile each group's ``betas`` with ``beta``/``beta2``: torch's schedulers
+        (``OneCycleLR``, ``CyclicLR``) write ``betas[0]``, as for Adam; anything else writes
+        ``beta``. Whichever changed since the last reconciliation wins."""
+        for group in self.param_groups:
+            betas, pair = tuple(group["betas"]), (group["beta"], group["beta2"])
+            if betas != pair:
+                if betas != self._synced_betas.get(id(group), pair):
+                    group["beta"], group["beta2"] = betas
+                else:
+                    betas = pair
+            group["betas"] = betas
+            self._synced_betas[id(group)] = betas
 
     @property
     def variant(self) -> str:
@@ -389,6 +414,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_betas()
         glob = self._global_state()
         t = glob[GLOBAL_STEPS] + 1
         eigen = self.variant == "eigen"
@@ -666,6 +692,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
     @staticmethod
     def _before_state_dict(self: AdaFisher) -> None:
         self._resolve_skip_check()  # deferred counts belong in the checkpoint
+        self._sync_betas()
 
     @staticmethod
     def _copy_global_state(self: AdaFisher, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -737,6 +764,9 @@ class AdaFisher(EigenbasisSteps, Optimizer):
 
     def _after_load_state_dict(self) -> None:
         self._pending_check = None  # flags of the replaced state
+        self._synced_betas = {}
+        for group in self.param_groups:  # a checkpoint holds them reconciled
+            self._synced_betas[id(group)] = group["betas"] = (group["beta"], group["beta2"])
         if GLOBAL in self.state:
             self.state[GLOBAL] = copy.deepcopy(self.state[GLOBAL])  # type: ignore[index]
         # Factors live in >= float32: the saved tensors, not torch's casts to the parameter dtype.

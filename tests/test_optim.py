@@ -628,3 +628,70 @@ def _trained_state_step(model, opt):
     opt.zero_grad()
     model(torch.ones(6, 4, dtype=torch.float64)).square().mean().backward()
     opt.step()
+
+
+_SCHEDULERS = {
+    "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=8),
+    "CyclicLR": lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=3),
+    "CosineAnnealingLR": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5),
+    "SequentialLR": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3),
+         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)],
+        milestones=[3],
+    ),
+    "ReduceLROnPlateau": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1, factor=0.5),
+    "SWALR": lambda opt: torch.optim.swa_utils.SWALR(opt, swa_lr=0.02, anneal_epochs=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCHEDULERS))
+@pytest.mark.parametrize("variant", ["paper", "eigen"])
+def test_torch_schedulers_drive_lr_and_beta_as_on_adamw(name, variant):
+    """Every scheduler works out of the box, ``cycle_momentum=True`` included (``betas[0]``
+    is AdaFisher's ``beta``): the lr and the first-moment coefficient of each step follow the
+    same schedule as on ``torch.optim.AdamW``, and the first moment is AdamW's to 1e-15
+    (same gradients, same β per step: the β really used)."""
+    p_adamw = nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+    p_ours = nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+    adamw = torch.optim.AdamW([p_adamw], lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no hooks: identity / gradient factors
+        ours = AdaFisherW([p_ours], lr=0.1, beta=0.9, beta2=0.95, variant=variant)
+    schedulers = [_SCHEDULERS[name](adamw), _SCHEDULERS[name](ours)]
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for t in range(8):
+        grad = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        for opt, p in ((adamw, p_adamw), (ours, p_ours)):
+            p.grad = grad.clone()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step()
+        group_a, group_o = adamw.param_groups[0], ours.param_groups[0]
+        assert group_o["lr"] == group_a["lr"]
+        assert (group_o["beta"], group_o["beta2"]) == group_a["betas"] == tuple(group_o["betas"])
+        seen.append((group_a["lr"], group_a["betas"][0]))
+        if variant == "paper":  # the first moment of the parameter itself
+            torch.testing.assert_close(ours.state[p_ours]["exp_avg"], adamw.state[p_adamw]["exp_avg"], rtol=0, atol=1e-15)
+        for scheduler in schedulers:
+            if name == "ReduceLROnPlateau":
+                scheduler.step(1.0)
+            else:
+                scheduler.step()
+    lrs, betas = zip(*seen)
+    assert len(set(lrs)) > 1  # the schedule did move the lr
+    if name in ("OneCycleLR", "CyclicLR"):
+        assert len(set(betas)) > 1  # and the first-moment coefficient
+
+
+def test_beta_written_directly_still_wins_over_a_stale_betas():
+    lin = nn.Linear(3, 2)
+    opt = AdaFisher(lin, lr=0.1, variant="paper")
+    opt.param_groups[0]["beta"] = 0.5
+    lin(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.5, 0.95) and group["beta"] == 0.5
+    saved = opt.state_dict()["param_groups"][0]
+    assert (saved["beta"], saved["betas"]) == (0.5, (0.5, 0.95))
