@@ -31,7 +31,8 @@ from lightning_adafisher.eigen_optim import EigenbasisSteps, matrix_shape
 from lightning_adafisher.layers import LayerHelper, layer_helper_for
 from lightning_adafisher.state_keys import (  # re-exported: named once
     _STATS_DTYPE_KEYS, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
-    EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, STEP,
+    EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, GLOBAL_SKIPPED, GLOBAL_SKIPPED_STEPS,
+    GLOBAL_STEPS, STEP,
 )
 from lightning_adafisher.statistics import BoundLayer, PendingStats, StatisticsCollector
 
@@ -43,11 +44,14 @@ DEFAULT_LR = {"eigen": 3e-3, "paper": 1e-3, "reference": 1e-3}
 variant (Adam-like steps) the value that beat tuned AdamW on every workload of ``bench quality``
 untuned (docs/benchmarks.md)."""
 
-_SAME_IN_ALL_GROUPS = ("variant", "update_interval", "eigen_interval", "max_factor_size", "gradient_factors")
+_SAME_IN_ALL_GROUPS = (
+    "variant", "update_interval", "eigen_interval", "max_factor_size", "gradient_factors",
+    "skip_nonfinite_steps",
+)
 """Hyperparameters that fix the statistics' schedule and layout: one value for the optimizer."""
 _LATER_DEFAULTS = dict(
     beta2=0.95, eps=1e-8, eigen_interval=10, max_factor_size=2048, gradient_factors=True,
-    foreach=None, fused=False,
+    foreach=None, fused=False, maximize=False, skip_nonfinite_steps=False,
 )
 """Hyperparameters added after the first release: a checkpoint without them gets these."""
 _FIRST_KEYS = ("lr", "beta", "gamma", "damping", "weight_decay", "update_interval", "variant")
@@ -121,8 +125,9 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid update_interval: {interval!r} (expected an integer >= 1)")
     if not isinstance(group["gradient_factors"], bool):
         raise ValueError(f"Invalid gradient_factors: {group['gradient_factors']!r} (expected True or False)")
-    if not isinstance(group.get("fused", False), bool):
-        raise ValueError(f"Invalid fused: {group['fused']!r} (expected True or False)")
+    for key in ("fused", "maximize", "skip_nonfinite_steps"):
+        if not isinstance(group.get(key, False), bool):
+            raise ValueError(f"Invalid {key}: {group[key]!r} (expected True or False)")
     if variant not in VARIANTS:
         raise ValueError(f"Invalid variant: {variant!r} (expected 'paper', 'reference' or 'eigen')")
     beta2, eps = group["beta2"], group["eps"]
@@ -183,9 +188,19 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         fused: update the whole param group in one compiled call, one pass per parameter
             (``torch.compile``; the first step compiles; a new set of parameter shapes
             recompiles). Paper and reference variants only; see ``docs/performance.md``.
+        maximize: maximise the objective (the update uses ``−g``; the statistics, squares of
+            ``G``, and the gradient factors, ``g gᵀ``, do not depend on the sign).
+        skip_nonfinite_steps: skip the whole step when any gradient holds inf/NaN, as
+            ``GradScaler`` does (costs one read from the device per step; default off, when
+            the check costs nothing).
 
-    Non-finite *gradients* are left to the caller, as with every ``torch.optim`` optimizer
-    (``GradScaler`` skips such steps); non-finite *statistics* never reach the factors.
+    Non-finite *gradients* are left to the caller by default, as with every ``torch.optim``
+    optimizer (``GradScaler`` skips such steps; ``skip_nonfinite_steps=True`` does it without
+    one); non-finite *statistics* never reach the factors.
+
+    Every param group also holds ``betas = (beta, beta2)``, Adam's name, which torch's
+    schedulers write (``OneCycleLR``, ``CyclicLR`` with ``cycle_momentum``); it is reconciled
+    with ``beta``/``beta2`` at each step, whichever of the two was written last winning.
     """
 
     _decoupled = False
@@ -208,6 +223,8 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool = False,
+        maximize: bool = False,
+        skip_nonfinite_steps: bool = False,
     ) -> None:
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
@@ -219,7 +236,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             update_interval=update_interval, variant=variant, beta2=beta2, eps=eps,
             eigen_interval=eigen_interval, max_factor_size=max_factor_size,
             gradient_factors=gradient_factors, foreach=foreach, fused=fused,
-            betas=(beta, beta2),
+            maximize=maximize, skip_nonfinite_steps=skip_nonfinite_steps, betas=(beta, beta2),
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -416,6 +433,8 @@ class AdaFisher(EigenbasisSteps, Optimizer):
                 loss = closure()
         self._sync_betas()
         glob = self._global_state()
+        if self.param_groups[0]["skip_nonfinite_steps"] and self._skip_nonfinite_step():
+            return loss
         t = glob[GLOBAL_STEPS] + 1
         eigen = self.variant == "eigen"
         if self._collector is None:
@@ -436,6 +455,37 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if self._collector is not None:
             self._collector.active = self._is_statistics_step(t + 1)
         return loss
+
+    def _skip_nonfinite_step(self) -> bool:
+        """With ``skip_nonfinite_steps``: if any gradient holds inf/NaN, skip the whole step as
+        ``GradScaler`` does (parameters, moments, factors and the step count unchanged; this
+        step's statistics dropped) and return True. One read from the device per device."""
+        named = [(p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, grad) in enumerate(named):
+            by_device.setdefault(grad.device, []).append(i)
+        bad: list[int] = []
+        for indices in by_device.values():
+            finite = torch.stack([torch.isfinite(named[i][1]).all() for i in indices])
+            if not bool(finite.all()):
+                bad += [i for i, ok in zip(indices, finite.tolist()) if not ok]
+        if not bad:
+            return False
+        if self._collector is not None:
+            self._collector.discard()
+        glob = self._global_state()
+        glob[GLOBAL_SKIPPED_STEPS] = glob.get(GLOBAL_SKIPPED_STEPS, 0) + 1
+        names = [
+            self._parameter_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+            for p, _ in (named[i] for i in sorted(bad))
+        ]
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        warn(
+            f"AdaFisher: step skipped (skip_nonfinite_steps=True): non-finite gradients in "
+            f"{shown}; parameters, moments and factors are unchanged. Steps skipped so far: "
+            "optimizer.state['adafisher']['skipped_steps']"
+        )
+        return True
 
     def discard_statistics(self) -> None:
         """Drop the statistics gathered since the last step (e.g. a step ``GradScaler`` skipped)."""
@@ -584,7 +634,9 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         warn(
             f"AdaFisher: statistics containing {what} were not folded into the factors of "
             f"{', '.join(bad)} (their H and S are unchanged this step); counts so far are in "
-            "optimizer.state['adafisher']['skipped_statistics']"
+            "optimizer.state['adafisher']['skipped_statistics']. The parameter update of that "
+            "step WAS applied: non-finite gradients, if any, went into the parameters and "
+            "exp_avg (pass skip_nonfinite_steps=True to skip such steps, or use a GradScaler)"
         )
 
     def _warn_unattached(self) -> None:
@@ -666,7 +718,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state[STEP] += 1
             params.append(p)
-            grads.append(p.grad)
+            grads.append(torch.neg(p.grad) if group["maximize"] else p.grad)
             exp_avgs.append(state[EXP_AVG])
             steps.append(state[STEP])
         foreach = group["foreach"]

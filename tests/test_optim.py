@@ -695,3 +695,90 @@ def test_beta_written_directly_still_wins_over_a_stale_betas():
     assert group["betas"] == (0.5, 0.95) and group["beta"] == 0.5
     saved = opt.state_dict()["param_groups"][0]
     assert (saved["beta"], saved["betas"]) == (0.5, (0.5, 0.95))
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference", "eigen"])
+@pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW])
+def test_maximize_on_a_loss_equals_minimize_on_its_negative(variant, opt_cls):
+    """``maximize=True`` negates the gradient in the update; the statistics see ``G`` of the
+    loss, whose sign their squares (and outer products) do not see."""
+
+    def train(maximize):
+        model = make_mixed()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = opt_cls(model, lr=1e-2, weight_decay=0.05, variant=variant, maximize=maximize)
+        for batch in _batches(3):
+            opt.zero_grad()
+            loss = _loss(model, batch)
+            (loss if maximize else -loss).backward()
+            opt.step()
+        return model
+
+    maximised, minimised = train(True), train(False)
+    for (name, p), q in zip(maximised.named_parameters(), minimised.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert not torch.equal(maximised.head.weight, make_mixed().head.weight)
+
+
+def _step_all(model, opt, batches, nan_at=None):
+    messages = []
+    for k, batch in enumerate(batches):
+        opt.zero_grad()
+        loss = _loss(model, batch)
+        (loss * float("nan") if k == nan_at else loss).backward()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            opt.step()
+        messages += [str(x.message) for x in w if "AdaFisher" in str(x.message)]
+    return messages
+
+
+def _fresh(skip, variant):
+    model = make_mixed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(model, lr=1e-2, weight_decay=0.05, variant=variant, skip_nonfinite_steps=skip)
+    return model, opt
+
+
+@pytest.mark.parametrize("variant", ["paper", "eigen"])
+def test_skip_nonfinite_steps_skips_the_whole_step_like_gradscaler(variant):
+    """A loss that is NaN for one step: with ``skip_nonfinite_steps=True`` that step leaves
+    parameters, moments, factors and the step count untouched, so the run equals the one that
+    never saw the batch, bit for bit; it is counted and named in a warning."""
+    batches = _batches(4)
+    model, opt = _fresh(True, variant)
+    messages = _step_all(model, opt, batches, nan_at=1)
+    clean_model, clean_opt = _fresh(True, variant)
+    _step_all(clean_model, clean_opt, [b for k, b in enumerate(batches) if k != 1])
+    for (name, p), q in zip(model.named_parameters(), clean_model.parameters()):
+        assert torch.equal(p, q), name
+    glob = opt.state["adafisher"]
+    assert glob["steps"] == 3 and glob["skipped_steps"] == 1 and glob["skipped_statistics"] == {}
+    [message] = messages
+    assert message.startswith(
+        "AdaFisher: step skipped (skip_nonfinite_steps=True): non-finite gradients in scale, conv.weight, "
+        "conv.bias, bn.weight"
+    )
+    assert "parameters, moments and factors are unchanged" in message
+
+
+def test_without_the_flag_a_nonfinite_step_is_applied_and_the_warning_says_so():
+    model, opt = _fresh(False, "paper")
+    messages = _step_all(model, opt, _batches(2), nan_at=1)
+    assert all(torch.isnan(p).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isnan(opt.state[model.head.weight]["exp_avg"]).all()
+    [message] = messages
+    assert "were not folded into the factors of" in message
+    assert "The parameter update of that step WAS applied: non-finite gradients, if any, went into the parameters and exp_avg" in message
+
+
+def test_skip_nonfinite_steps_must_be_a_bool_and_the_same_in_every_group():
+    with pytest.raises(ValueError, match="Invalid skip_nonfinite_steps: 'yes' \\(expected True or False\\)"):
+        AdaFisher(nn.Linear(2, 2).parameters(), skip_nonfinite_steps="yes")
+    with pytest.raises(ValueError, match="Invalid maximize: 1 \\(expected True or False\\)"):
+        AdaFisher(nn.Linear(2, 2).parameters(), maximize=1)
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="Invalid skip_nonfinite_steps: True differs between param groups"):
+        AdaFisher([{"params": a.parameters()}, {"params": b.parameters(), "skip_nonfinite_steps": True}])
