@@ -343,9 +343,15 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         claimed: dict[int, str] = {}
         eigen = self.variant == "eigen"
         limit = self.param_groups[0]["max_factor_size"]
+        # nn.MultiheadAttention computes its output projection inside
+        # F.multi_head_attention_forward, never through out_proj.forward: no hook would fire.
+        never_called = {
+            id(m.out_proj) for m in model.modules()
+            if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Module)
+        }
         for name, module in model.named_modules():
             helper = layer_helper_for(module)
-            if helper is None or (eigen and not helper.eigen):
+            if helper is None or (eigen and not helper.eigen) or id(module) in never_called:
                 continue
             sides = None
             if eigen:
@@ -388,10 +394,25 @@ class AdaFisher(EigenbasisSteps, Optimizer):
                 "BatchNorm, LayerNorm, Embedding or a registered helper); every parameter uses the identity "
                 "preconditioner"
             )
-        elif not eigen and identity:
+        out_proj = {
+            names[id(p)] for m in model.modules() if id(m) in never_called
+            for p in m.parameters() if id(p) in names
+        }
+        why = [n for n in identity if n in out_proj]
+        reason = (
+            f"{', '.join(why)}: nn.MultiheadAttention never calls its out_proj's forward (it "
+            "uses F.multi_head_attention_forward), so no statistics can be taken there"
+        )
+        if not eigen and identity:
             warn(
                 f"AdaFisher: {len(identity)} parameter(s) have no supported layer and use the "
-                f"identity preconditioner: {', '.join(identity)}"
+                f"identity preconditioner: {', '.join(identity)}" + (f"; {reason}" if why else "")
+            )
+        elif eigen and why:
+            warn(
+                f"AdaFisher: {reason}; "
+                + ("the weight gets factors from its own gradient, the bias is trained by Adam"
+                   if self.param_groups[0]["gradient_factors"] else "they are trained by Adam")
             )
         self._binding = {id(p): (layer, role) for layer in layers for role, p in layer.params.items()}
         self._parameter_names = names

@@ -782,3 +782,59 @@ def test_skip_nonfinite_steps_must_be_a_bool_and_the_same_in_every_group():
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     with pytest.raises(ValueError, match="Invalid skip_nonfinite_steps: True differs between param groups"):
         AdaFisher([{"params": a.parameters()}, {"params": b.parameters(), "skip_nonfinite_steps": True}])
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0]).mean(1)
+
+
+def test_multihead_attention_out_proj_keeps_the_identity_and_the_warning_says_why():
+    """MultiheadAttention never calls ``out_proj.forward``: it is not bound as a Linear layer
+    (it would never get statistics); it keeps the identity, named with the reason."""
+    torch.manual_seed(0)
+    model = _Attention().double()
+    with pytest.warns(UserWarning) as record:
+        opt = AdaFisher(model, lr=0.1, variant="paper")
+    [message] = [str(w.message) for w in record if "identity" in str(w.message)]
+    assert message == (
+        "AdaFisher: 4 parameter(s) have no supported layer and use the identity preconditioner: "
+        "attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias; "
+        "attn.out_proj.weight, attn.out_proj.bias: nn.MultiheadAttention never calls its "
+        "out_proj's forward (it uses F.multi_head_attention_forward), so no statistics can be "
+        "taken there"
+    )
+    assert [layer.name for layer in opt.collector.layers] == ["head"]
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    before = model.attn.out_proj.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "received no statistics" warning either
+        model(x).square().sum().backward()
+        opt.step()
+    # identity (paper), t = 1: p ← p − lr · g / (1 + λ)
+    g = model.attn.out_proj.weight.grad
+    torch.testing.assert_close(model.attn.out_proj.weight, before - 0.1 * g / 1.001, rtol=0, atol=1e-15)
+
+
+def test_multihead_attention_out_proj_gets_gradient_factors_in_the_eigen_variant():
+    model = _Attention().double()
+    with pytest.warns(UserWarning) as record:
+        opt = AdaFisher(model, lr=0.1, variant="eigen")
+    assert [str(w.message) for w in record] == [
+        "AdaFisher: attn.out_proj.weight, attn.out_proj.bias: nn.MultiheadAttention never calls "
+        "its out_proj's forward (it uses F.multi_head_attention_forward), so no statistics can be "
+        "taken there; the weight gets factors from its own gradient, the bias is trained by Adam"
+    ]
+    assert [layer.name for layer in opt.collector.layers] == ["head"]
+    factored = {unit.name for unit in opt._gradient_factored_params()}
+    assert {"attn.out_proj.weight", "attn.in_proj_weight"} <= factored
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 5, 4, dtype=torch.float64)).square().sum().backward()
+        opt.step()
+    assert opt.state[model.attn.out_proj.weight]["factor_updates"] == 1
