@@ -193,6 +193,16 @@ def conv2d_padding(
     return (pw, pw, ph, ph)
 
 
+def _cached(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` from its ``lru_cache``; while ``torch.compile`` traces (a compiled
+    model runs the hooks inside its graph), the uncached function: Dynamo cannot trace the
+    cache, warns about it and traces the wrapped function anyway, and the constants it builds
+    become part of the compiled graph."""
+    if torch.compiler.is_compiling():
+        return function.__wrapped__(*args)
+    return function(*args)
+
+
 @functools.lru_cache(maxsize=512)
 def _window_selector(
     n: int, k: int, positions: int, stride: int, dilation: int, before: int,
@@ -217,8 +227,8 @@ def _window_kernel(
     rows_key: tuple[int, ...], cols_key: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """``K[(y, x), (i, j)] = A[i, y]·B[j, x]``: ``xs.view(C, H·W) @ K`` is ``A · xs · Bᵀ``."""
-    rows_sel = _window_selector(*rows_key, dtype, torch.device("cpu"))
-    cols_sel = _window_selector(*cols_key, dtype, torch.device("cpu"))
+    rows_sel = _cached(_window_selector, *rows_key, dtype, torch.device("cpu"))
+    cols_sel = _cached(_window_selector, *cols_key, dtype, torch.device("cpu"))
     return torch.kron(rows_sel, cols_sel).T.contiguous().to(device)
 
 
@@ -298,11 +308,11 @@ def conv2d_input_stats(
         with _autocast_off():
             if h * w * kh * kw <= _WINDOW_KERNEL_MAX:
                 # One matmul with the Kronecker product of the selectors (cached): fewer kernels.
-                kernel = _window_kernel(rows_key, cols_key, xs.dtype, xs.device)
+                kernel = _cached(_window_kernel, rows_key, cols_key, xs.dtype, xs.device)
                 total = torch.mm(xs.reshape(xs.shape[0], h * w), kernel).reshape(-1)
             else:
-                rows_sel = _window_selector(*rows_key, xs.dtype, xs.device)
-                cols_sel = _window_selector(*cols_key, xs.dtype, xs.device)
+                rows_sel = _cached(_window_selector, *rows_key, xs.dtype, xs.device)
+                cols_sel = _cached(_window_selector, *cols_key, xs.dtype, xs.device)
                 total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
         return F.pad(total, (0, 1), value=float(rows)) if bias else total
 
@@ -344,7 +354,8 @@ def batchnorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
     x = _as_stats(x)
     total = _channel_sum(x)
     b, d = x.shape[0], math.prod(x.shape[2:])
-    k, base = _norm_input_constants(x.shape[1], b, 1.0 / (float(d) ** 4 * float(b) ** 2), x.dtype, x.device)
+    scale = 1.0 / (float(d) ** 4 * float(b) ** 2)
+    k, base = _cached(_norm_input_constants, x.shape[1], b, scale, x.dtype, x.device)
     return torch.addcmul(base, torch.dot(total, total), k), 1.0
 
 
@@ -433,7 +444,8 @@ def finish_norm_statistics(
         b, d = float(shape[0]), float(math.prod(shape[2:]))
         mean_pieces.append((m.numel(), float(per_mean) ** 2 / (d**4 * b**2), float(shape[1]) / b**2))
     like = (grads or sums)[0]
-    batches, ids, scales, second = _norm_finish_constants(
+    batches, ids, scales, second = _cached(
+        _norm_finish_constants,
         tuple((g.numel(), b) for g, (_, b) in zip(grads, bias_grads)), tuple(mean_pieces),
         like.dtype, like.device,
     )
