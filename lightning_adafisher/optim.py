@@ -388,29 +388,30 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             if id(p) not in claimed
         ]
         # eigen: every parameter without an eigenbasis layer is trained by Adam, by design
-        if not eigen and not layers:
-            warn(
-                f"AdaFisher: {type(model).__name__} has no supported layer (Linear, Conv2d, "
-                "BatchNorm, LayerNorm, Embedding or a registered helper); every parameter uses the identity "
-                "preconditioner"
-            )
         out_proj = {
             names[id(p)] for m in model.modules() if id(m) in never_called
             for p in m.parameters() if id(p) in names
         }
         why = [n for n in identity if n in out_proj]
-        reason = (
+        detail = (
             f"{', '.join(why)}: nn.MultiheadAttention never calls its out_proj's forward (it "
             "uses F.multi_head_attention_forward), so no statistics can be taken there"
         )
-        if not eigen and identity:
+        reason = f"; {detail}" if why else ""
+        if not eigen and not layers:
+            warn(
+                f"AdaFisher: {type(model).__name__} has no supported layer (Linear, Conv2d, "
+                "BatchNorm, LayerNorm, Embedding or a registered helper); every parameter uses "
+                f"the identity preconditioner{reason}"
+            )
+        elif not eigen and identity:
             warn(
                 f"AdaFisher: {len(identity)} parameter(s) have no supported layer and use the "
-                f"identity preconditioner: {', '.join(identity)}" + (f"; {reason}" if why else "")
+                f"identity preconditioner: {', '.join(identity)}{reason}"
             )
         elif eigen and why:
             warn(
-                f"AdaFisher: {reason}; "
+                f"AdaFisher: {detail}; "
                 + ("the weight gets factors from its own gradient, the bias is trained by Adam"
                    if self.param_groups[0]["gradient_factors"] else "they are trained by Adam")
             )
