@@ -89,7 +89,10 @@ def _caller_stacklevel() -> int:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "__file__", None):
             prefixes.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
-    level, frame = 2, sys._getframe(2)  # the caller of warn()
+    try:
+        level, frame = 2, sys._getframe(2)  # the caller of warn()
+    except (AttributeError, ValueError):  # an interpreter without frame access
+        return 2
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(tuple(prefixes)):
         frame, level = frame.f_back, level + 1
     return level
@@ -387,7 +390,6 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             for p in group["params"]
             if id(p) not in claimed
         ]
-        # eigen: every parameter without an eigenbasis layer is trained by Adam, by design
         out_proj = {
             names[id(p)] for m in model.modules() if id(m) in never_called
             for p in m.parameters() if id(p) in names
@@ -398,6 +400,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             "uses F.multi_head_attention_forward), so no statistics can be taken there"
         )
         reason = f"; {detail}" if why else ""
+        # eigen: every parameter without an eigenbasis layer is trained by Adam, by design
         if not eigen and not layers:
             warn(
                 f"AdaFisher: {type(model).__name__} has no supported layer (Linear, Conv2d, "
