@@ -838,3 +838,17 @@ def test_multihead_attention_out_proj_gets_gradient_factors_in_the_eigen_variant
         model(torch.randn(2, 5, 4, dtype=torch.float64)).square().sum().backward()
         opt.step()
     assert opt.state[model.attn.out_proj.weight]["factor_updates"] == 1
+
+
+def test_skip_nonfinite_steps_costs_one_host_read_per_step_and_none_when_off():
+    """The documented cost: the opt-in check reads one flag per device per step; off, the step
+    reads nothing (the CUDA path never waits for the device)."""
+    for skip, expected in ((False, 0), (True, 1)):
+        model, opt = _fresh(skip, "paper")
+        opt.defer_skip_check = True
+        for x, y in _batches(2):
+            opt.zero_grad()
+            _loss(model, (x, y)).backward()
+            with _HostReads(shapes_from_data=False) as reads:
+                opt.step()
+        assert reads.count == expected, (skip, reads.ops)
