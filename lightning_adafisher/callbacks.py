@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_adafisher.compat import grad_scaler_scale
 from lightning_adafisher.distributed import make_reducer
 from lightning_adafisher.optim import GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, AdaFisher
 from lightning_adafisher.statistics import BoundLayer, PendingStats
@@ -124,8 +125,7 @@ class AdaFisherCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             # The hooks saw G of the scaled loss; keep the scale on device (no sync).
-            scale = getattr(scaler, "_scale", None)
-            opt.statistics_grad_scale = scale if scale is not None else scaler.get_scale()
+            opt.statistics_grad_scale = grad_scaler_scale(scaler)
         self._steps_before[id(opt)] = opt.state[GLOBAL].get(GLOBAL_STEPS, 0)  # type: ignore[index]
 
     @override

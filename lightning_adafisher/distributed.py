@@ -19,7 +19,7 @@ from torch import Tensor
 from lightning_adafisher.functional import stats_dtype
 from lightning_adafisher.statistics import BoundLayer, PendingStats
 
-__all__ = ["pack", "unpack", "make_reducer", "torch_distributed_all_reduce_sum"]
+__all__ = ["pack", "unpack", "make_reducer", "torch_distributed_all_reduce_sum", "is_rank_zero"]
 
 
 def _buffer_dtype(layers: list[BoundLayer]) -> torch.dtype:
@@ -108,3 +108,11 @@ def torch_distributed_all_reduce_sum(tensor: Tensor) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank zero of the default process group, or runs without one
+    (the optimizer's warnings are printed there only, not once per rank)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)

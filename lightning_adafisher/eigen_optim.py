@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lightning_adafisher import eigen as eg
 from lightning_adafisher import functional as fn
+from lightning_adafisher.distributed import is_rank_zero
 from lightning_adafisher.state_keys import (
     EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGEN_REFRESHED_AT, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
     EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, STEP,
@@ -184,7 +185,7 @@ class EigenbasisSteps:
                 if q is not None:
                     state[basis] = q
             state[EIGEN_REFRESHED_AT] = updates
-        if failed:
+        if failed and is_rank_zero():
             eg.warn_eigh_failed(failed)
 
     # --- update ----------------------------------------------------------------------------
@@ -219,13 +220,14 @@ class EigenbasisSteps:
             self._adam_step(group, params)
 
     def _decayed_grad(self, p: Tensor, group: dict[str, Any]) -> Tensor:
-        """``p``'s gradient in the statistics dtype, with AdaFisher's coupled decay added
-        (zeros for a parameter of a layer that got no gradient this step)."""
+        """``p``'s gradient (negated with ``maximize``) in the statistics dtype, with
+        AdaFisher's coupled decay added (zeros for a parameter of a layer that got no gradient
+        this step)."""
         if p.grad is None:
             return torch.zeros_like(p, dtype=fn.stats_dtype(p.dtype))
         if p.grad.is_sparse:
             raise RuntimeError("AdaFisher does not support sparse gradients")
-        grad = p.grad
+        grad = torch.neg(p.grad) if group["maximize"] else p.grad
         if not self._decoupled and group["weight_decay"] != 0:
             grad = grad.add(p, alpha=group["weight_decay"])
         return grad.to(fn.stats_dtype(p.dtype))
@@ -266,7 +268,7 @@ class EigenbasisSteps:
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state[STEP] += 1
-            g = p.grad
+            g = torch.neg(p.grad) if group["maximize"] else p.grad
             if wd != 0:
                 if self._decoupled:
                     p.mul_(1.0 - lr * wd)

@@ -1,7 +1,8 @@
 """Pure tensor math of AdaFisher: per-layer statistics, folding, Fisher assembly, the update.
 
 Nothing here installs hooks, talks to other processes or knows about Lightning; every function
-takes tensors and returns tensors. The numerics are documented in ``docs/numerics.md``.
+takes tensors and returns tensors. Imports torch, and :mod:`~lightning_adafisher.compat` (torch
+only) for the private torch APIs it uses. The numerics are documented in ``docs/numerics.md``.
 
 Shape conventions
 -----------------
@@ -22,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
 import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_adafisher import compat
 
 __all__ = [
     "stats_dtype",
@@ -126,9 +128,10 @@ def _square_sum(x: Tensor, rows: bool, reuse: bool) -> Tensor:
     q/k/v projections — then pay for one pass over it instead of one each. The value returned
     may be shared by several callers, which must not modify it in place.
     """
-    if reuse:
-        for ref, version, over_rows, total in _recent_square_sums:
-            if ref() is x and version == x._version and over_rows == rows:
+    version = compat.tensor_version(x) if reuse else None
+    if version is not None:  # unknown version: no reuse (x may have been modified)
+        for ref, seen, over_rows, total in _recent_square_sums:
+            if ref() is x and seen == version and over_rows == rows:
                 return total
     t = _as_stats(x)
     if not rows and _without_temporary(t):
@@ -138,10 +141,10 @@ def _square_sum(x: Tensor, rows: bool, reuse: bool) -> Tensor:
             total.addcmul_(t[b], t[b])
     else:
         total = (t.reshape(-1, t.shape[-1]) if rows else t).square().sum(0)
-    if reuse:
+    if version is not None:
         if len(_recent_square_sums) >= _RECENT_SQUARE_SUMS:
             del _recent_square_sums[0]
-        _recent_square_sums.append((weakref.ref(x), x._version, rows, total))
+        _recent_square_sums.append((weakref.ref(x), version, rows, total))
     return total
 
 
@@ -190,6 +193,16 @@ def conv2d_padding(
     return (pw, pw, ph, ph)
 
 
+def _cached(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` from its ``lru_cache``; while ``torch.compile`` traces (a compiled
+    model runs the hooks inside its graph), the uncached function: Dynamo cannot trace the
+    cache, warns about it and traces the wrapped function anyway, and the constants it builds
+    become part of the compiled graph."""
+    if torch.compiler.is_compiling():
+        return function.__wrapped__(*args)
+    return function(*args)
+
+
 @functools.lru_cache(maxsize=512)
 def _window_selector(
     n: int, k: int, positions: int, stride: int, dilation: int, before: int,
@@ -214,8 +227,8 @@ def _window_kernel(
     rows_key: tuple[int, ...], cols_key: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """``K[(y, x), (i, j)] = A[i, y]·B[j, x]``: ``xs.view(C, H·W) @ K`` is ``A · xs · Bᵀ``."""
-    rows_sel = _window_selector(*rows_key, dtype, torch.device("cpu"))
-    cols_sel = _window_selector(*cols_key, dtype, torch.device("cpu"))
+    rows_sel = _cached(_window_selector, *rows_key, dtype, torch.device("cpu"))
+    cols_sel = _cached(_window_selector, *cols_key, dtype, torch.device("cpu"))
     return torch.kron(rows_sel, cols_sel).T.contiguous().to(device)
 
 
@@ -295,11 +308,11 @@ def conv2d_input_stats(
         with _autocast_off():
             if h * w * kh * kw <= _WINDOW_KERNEL_MAX:
                 # One matmul with the Kronecker product of the selectors (cached): fewer kernels.
-                kernel = _window_kernel(rows_key, cols_key, xs.dtype, xs.device)
+                kernel = _cached(_window_kernel, rows_key, cols_key, xs.dtype, xs.device)
                 total = torch.mm(xs.reshape(xs.shape[0], h * w), kernel).reshape(-1)
             else:
-                rows_sel = _window_selector(*rows_key, xs.dtype, xs.device)
-                cols_sel = _window_selector(*cols_key, xs.dtype, xs.device)
+                rows_sel = _cached(_window_selector, *rows_key, xs.dtype, xs.device)
+                cols_sel = _cached(_window_selector, *cols_key, xs.dtype, xs.device)
                 total = torch.matmul(rows_sel, torch.matmul(xs, cols_sel.T)).reshape(-1)
         return F.pad(total, (0, 1), value=float(rows)) if bias else total
 
@@ -341,7 +354,8 @@ def batchnorm_input_stats(x: Tensor) -> tuple[Tensor, float]:
     x = _as_stats(x)
     total = _channel_sum(x)
     b, d = x.shape[0], math.prod(x.shape[2:])
-    k, base = _norm_input_constants(x.shape[1], b, 1.0 / (float(d) ** 4 * float(b) ** 2), x.dtype, x.device)
+    scale = 1.0 / (float(d) ** 4 * float(b) ** 2)
+    k, base = _cached(_norm_input_constants, x.shape[1], b, scale, x.dtype, x.device)
     return torch.addcmul(base, torch.dot(total, total), k), 1.0
 
 
@@ -430,7 +444,8 @@ def finish_norm_statistics(
         b, d = float(shape[0]), float(math.prod(shape[2:]))
         mean_pieces.append((m.numel(), float(per_mean) ** 2 / (d**4 * b**2), float(shape[1]) / b**2))
     like = (grads or sums)[0]
-    batches, ids, scales, second = _norm_finish_constants(
+    batches, ids, scales, second = _cached(
+        _norm_finish_constants,
         tuple((g.numel(), b) for g, (_, b) in zip(grads, bias_grads)), tuple(mean_pieces),
         like.dtype, like.device,
     )
@@ -700,6 +715,7 @@ def adafisher_update(
     """
     if not params:
         return
+    foreach = foreach and compat.has_foreach_ops()
     kwargs = dict(lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled)
     viewable = [
         isinstance(d, KronFactors) and params[i].is_contiguous() and exp_avgs[i].is_contiguous()
@@ -746,8 +762,10 @@ def _fused_update(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], kron: list[KronFactors],
     steps: list[int], *, lr: float, beta: float, weight_decay: float, decoupled: bool,
 ) -> bool:
-    """The fused update of ``params``; False (after one warning) when ``torch.compile`` failed,
-    now or earlier in this process, and the caller must run the eager update instead."""
+    """The fused update of ``params``; False when ``torch.compile`` failed to trace or compile
+    it, now or earlier in this process (:func:`fused_failure` says why), and the caller must
+    run the eager update instead. Raises ``RuntimeError`` when the compiled code failed while
+    running (it may have written part of the update: redoing the step would apply it twice)."""
     global _fused_failure
     if _fused_failure is not None:
         return False
@@ -762,6 +780,8 @@ def _fused_update(
         dtype=params[0].dtype,
     ).to(params[0].device, non_blocking=True)
     widths = [k.cols.numel() for k in kron]
+    written = [*params, *exp_avgs]
+    versions = [compat.tensor_version(t) for t in written]
     try:
         _fused_step()(
             [p.view(-1, n) for p, n in zip(params, widths)],
@@ -771,17 +791,28 @@ def _fused_update(
             [k.cols.to(p.dtype) for p, k in zip(params, kron)],
             scalars,
         )
-    except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, loudly
-        # torch.compile fails before its kernel runs (no C++ compiler, unsupported platform),
-        # so no parameter has been touched: the eager update does this step and every later one.
-        _fused_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        warnings.warn(
-            f"AdaFisher(fused=True): torch.compile of the fused update failed ({_fused_failure}); "
-            "using the eager update from now on (same numbers, slower). Pass fused=False to silence.",
-            stacklevel=5,
-        )
+    except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        untouched = all(v is not None and v == compat.tensor_version(t) for v, t in zip(versions, written))
+        if not (compat.is_compile_error(error) and untouched):
+            # The compiled update itself failed, possibly after writing some parameters or
+            # moments: running the eager update now would apply part of this step twice.
+            raise RuntimeError(
+                f"AdaFisher(fused=True): the compiled update failed while running ({reason}); "
+                "parameters and exp_avg may be partly updated, so this step cannot be redone. "
+                "Reload the last checkpoint, or pass fused=False."
+            ) from error
+        # Tracing/compiling failed (no C++ compiler, an unsupported platform) before the
+        # compiled code ran, and nothing was written: the eager update does this step and
+        # every later one (the optimizer warns, once).
+        _fused_failure = reason
         return False
     return True
+
+
+def fused_failure() -> str | None:
+    """Why ``torch.compile`` of the fused update failed in this process, or ``None``."""
+    return _fused_failure
 
 
 def _blocked_kron_update(

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from lightning_adafisher import compat
 from lightning_adafisher import eigen as eg
 from lightning_adafisher import functional as fn
 
@@ -325,9 +326,13 @@ class EmbeddingHelper(LayerHelper):
         return module.num_embeddings, module.embedding_dim
 
     def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
+        # Token counts by index_add_ into a fixed-size zeros: bincount would read the largest id
+        # back to the host to size its output (a device sync on CUDA); same integers.
         ids = x.reshape(-1)
-        counts = torch.bincount(ids, minlength=module.num_embeddings)
-        return counts.to(fn.stats_dtype(module.weight.dtype)), float(ids.numel())
+        dtype = fn.stats_dtype(module.weight.dtype)
+        ones = torch.ones((), dtype=dtype, device=ids.device).expand(ids.numel())
+        counts = torch.zeros(module.num_embeddings, dtype=dtype, device=ids.device)
+        return counts.index_add_(0, ids, ones), float(ids.numel())
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.linear_output_stats(g)
@@ -362,10 +367,11 @@ class TransposedLinearHelper(LinearHelper):
         return out
 
 
+_BATCHNORM_HELPER = BatchNormHelper()
 _REGISTRY: list[tuple[type[nn.Module], LayerHelper]] = [
     (nn.Linear, LinearHelper()),
     (nn.Conv2d, Conv2dHelper()),
-    (nn.modules.batchnorm._BatchNorm, BatchNormHelper()),
+    *((bn, _BATCHNORM_HELPER) for bn in compat.batchnorm_types()),
     (nn.LayerNorm, LayerNormHelper()),
     (nn.Embedding, EmbeddingHelper()),
 ]

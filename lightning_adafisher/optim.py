@@ -15,6 +15,9 @@ state lives in ``optimizer.state`` so ``state_dict()`` checkpoints it and Lightn
 from __future__ import annotations
 
 import copy
+import numbers
+import os
+import sys
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -23,11 +26,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_adafisher import functional as fn
-from lightning_adafisher.eigen_optim import EigenbasisSteps
+from lightning_adafisher.distributed import is_rank_zero
+from lightning_adafisher.eigen_optim import EigenbasisSteps, matrix_shape
 from lightning_adafisher.layers import layer_helper_for
 from lightning_adafisher.state_keys import (  # re-exported: named once
     _STATS_DTYPE_KEYS, EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
-    EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, STEP,
+    EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, GLOBAL_SKIPPED, GLOBAL_SKIPPED_STEPS,
+    GLOBAL_STEPS, STEP,
 )
 from lightning_adafisher.statistics import BoundLayer, PendingStats, StatisticsCollector
 
@@ -39,9 +44,19 @@ DEFAULT_LR = {"eigen": 3e-3, "paper": 1e-3, "reference": 1e-3}
 variant (Adam-like steps) the value that beat tuned AdamW on every workload of ``bench quality``
 untuned (docs/benchmarks.md)."""
 
-_SAME_IN_ALL_GROUPS = ("variant", "update_interval", "eigen_interval", "max_factor_size", "gradient_factors")
+_SAME_IN_ALL_GROUPS = (
+    "variant", "update_interval", "eigen_interval", "max_factor_size", "gradient_factors",
+    "skip_nonfinite_steps",
+)
 """Hyperparameters that fix the statistics' schedule and layout: one value for the optimizer."""
-_LATER_DEFAULTS = dict(beta2=0.95, eps=1e-8, eigen_interval=10, max_factor_size=2048, gradient_factors=True)
+_LATER_DEFAULTS = dict(
+    beta2=0.95, eps=1e-8, eigen_interval=10, max_factor_size=2048, gradient_factors=True,
+    foreach=None, fused=False, maximize=False, skip_nonfinite_steps=False,
+)
+"""Hyperparameters added after the first release: a checkpoint without them gets these."""
+_FIRST_KEYS = ("lr", "beta", "gamma", "damping", "weight_decay", "update_interval", "variant")
+"""Hyperparameters every AdaFisher checkpoint holds: without them, the state is another
+optimizer's."""
 
 StatisticsReducer = Callable[[list[BoundLayer], dict[str, PendingStats]], dict[str, PendingStats]]
 
@@ -62,10 +77,44 @@ _ALGORITHM = r"""
 """
 
 
+_INTERNAL_PACKAGES = ("torch", "lightning", "lightning_fabric", "pytorch_lightning")
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in :func:`warn`) of the first frame outside
+    this package, torch and Lightning: the user's line, through ``torch.no_grad``'s and the
+    LR schedulers' ``step`` wrappers and Lightning's loop alike."""
+    prefixes = [os.path.dirname(os.path.abspath(__file__)) + os.sep]
+    for name in _INTERNAL_PACKAGES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            prefixes.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+    try:
+        level, frame = 2, sys._getframe(2)  # the caller of warn()
+    except (AttributeError, ValueError):  # an interpreter without frame access
+        return 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(tuple(prefixes)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn(message: str) -> None:
+    """The optimizer's warnings: on rank zero only, attributed to the user's line."""
+    if is_rank_zero():
+        warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
+
+
+_REAL_HYPERPARAMETERS = ("lr", "beta", "gamma", "damping", "weight_decay", "beta2", "eps")
+
+
 def _check_hyperparameters(group: dict[str, Any]) -> None:
+    for key in _REAL_HYPERPARAMETERS:
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"Invalid {key}: {value!r} (expected a real number)")
     lr, beta, gamma, damping = group["lr"], group["beta"], group["gamma"], group["damping"]
     wd, interval, variant = group["weight_decay"], group["update_interval"], group["variant"]
-    if isinstance(lr, Tensor) or not 0.0 <= lr:
+    if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"Invalid beta: {beta} (expected 0 <= beta < 1)")
@@ -79,8 +128,9 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid update_interval: {interval!r} (expected an integer >= 1)")
     if not isinstance(group["gradient_factors"], bool):
         raise ValueError(f"Invalid gradient_factors: {group['gradient_factors']!r} (expected True or False)")
-    if not isinstance(group.get("fused", False), bool):
-        raise ValueError(f"Invalid fused: {group['fused']!r} (expected True or False)")
+    for key in ("fused", "maximize", "skip_nonfinite_steps"):
+        if not isinstance(group.get(key, False), bool):
+            raise ValueError(f"Invalid {key}: {group[key]!r} (expected True or False)")
     if variant not in VARIANTS:
         raise ValueError(f"Invalid variant: {variant!r} (expected 'paper', 'reference' or 'eigen')")
     beta2, eps = group["beta2"], group["eps"]
@@ -141,9 +191,19 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         fused: update the whole param group in one compiled call, one pass per parameter
             (``torch.compile``; the first step compiles; a new set of parameter shapes
             recompiles). Paper and reference variants only; see ``docs/performance.md``.
+        maximize: maximise the objective (the update uses ``−g``; the statistics, squares of
+            ``G``, and the gradient factors, ``g gᵀ``, do not depend on the sign).
+        skip_nonfinite_steps: skip the whole step when any gradient holds inf/NaN, as
+            ``GradScaler`` does (costs one read from the device per step; default off, when
+            the check costs nothing).
 
-    Non-finite *gradients* are left to the caller, as with every ``torch.optim`` optimizer
-    (``GradScaler`` skips such steps); non-finite *statistics* never reach the factors.
+    Non-finite *gradients* are left to the caller by default, as with every ``torch.optim``
+    optimizer (``GradScaler`` skips such steps; ``skip_nonfinite_steps=True`` does it without
+    one); non-finite *statistics* never reach the factors.
+
+    Every param group also holds ``betas = (beta, beta2)``, Adam's name, which torch's
+    schedulers write (``OneCycleLR``, ``CyclicLR`` with ``cycle_momentum``); it is reconciled
+    with ``beta``/``beta2`` at each step, whichever of the two was written last winning.
     """
 
     _decoupled = False
@@ -166,6 +226,8 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool = False,
+        maximize: bool = False,
+        skip_nonfinite_steps: bool = False,
     ) -> None:
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
@@ -177,6 +239,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             update_interval=update_interval, variant=variant, beta2=beta2, eps=eps,
             eigen_interval=eigen_interval, max_factor_size=max_factor_size,
             gradient_factors=gradient_factors, foreach=foreach, fused=fused,
+            maximize=maximize, skip_nonfinite_steps=skip_nonfinite_steps, betas=(beta, beta2),
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -189,6 +252,8 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         self._layouts: dict[tuple[tuple[int, ...], torch.device], tuple[fn.Segments, fn.Segments]] = {}
         self._workspace: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         """Scratch for one block of a weight's ``F`` at a time (single-tensor path; not state)."""
+        self._synced_betas: dict[int, tuple[float, float]] = {id(g): g["betas"] for g in self.param_groups}
+        """Per param group (by id): ``betas`` as last reconciled with ``beta``/``beta2``."""
         self._warned_unattached = False
         self._checked_first_statistics = False
         self.statistics_reducer: StatisticsReducer | None = None
@@ -210,8 +275,13 @@ class AdaFisher(EigenbasisSteps, Optimizer):
     # --- param groups -----------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        given = set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if "betas" in given and not given & {"beta", "beta2"}:
+            group["beta"], group["beta2"] = group["betas"]  # a group written torch-style
+        else:
+            group["betas"] = (group["beta"], group["beta2"])
         try:
             _check_hyperparameters(group)
             first = self.param_groups[0]
@@ -225,12 +295,29 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             self.param_groups.pop()
             raise
         self._gradient_factored = None
+        if hasattr(self, "_synced_betas"):  # not yet during __init__ (set right after)
+            self._synced_betas[id(group)] = group["betas"]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # checkpoints written before these hyperparameters
             for key, value in _LATER_DEFAULTS.items():
                 group.setdefault(key, value)
+            group.setdefault("betas", (group["beta"], group["beta2"]))
+
+    def _sync_betas(self) -> None:
+        """Reconcile each group's ``betas`` with ``beta``/``beta2``: torch's schedulers
+        (``OneCycleLR``, ``CyclicLR``) write ``betas[0]``, as for Adam; anything else writes
+        ``beta``. Whichever changed since the last reconciliation wins."""
+        for group in self.param_groups:
+            betas, pair = tuple(group["betas"]), (group["beta"], group["beta2"])
+            if betas != pair:
+                if betas != self._synced_betas.get(id(group), pair):
+                    group["beta"], group["beta2"] = betas
+                else:
+                    betas = pair
+            group["betas"] = betas
+            self._synced_betas[id(group)] = betas
 
     @property
     def variant(self) -> str:
@@ -259,9 +346,15 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         claimed: dict[int, str] = {}
         eigen = self.variant == "eigen"
         limit = self.param_groups[0]["max_factor_size"]
+        # nn.MultiheadAttention computes its output projection inside
+        # F.multi_head_attention_forward, never through out_proj.forward: no hook would fire.
+        never_called = {
+            id(m.out_proj) for m in model.modules()
+            if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Module)
+        }
         for name, module in model.named_modules():
             helper = layer_helper_for(module)
-            if helper is None or (eigen and not helper.eigen):
+            if helper is None or (eigen and not helper.eigen) or id(module) in never_called:
                 continue
             sides = None
             if eigen:
@@ -279,10 +372,9 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             helper.check(module)
             shared = [role for role, p in params.items() if id(p) in claimed]
             for role in shared:
-                warnings.warn(
+                warn(
                     f"AdaFisher: parameter {name}.{role} is shared with "
-                    f"{claimed[id(params[role])]}; it gets factors from that layer only",
-                    stacklevel=2,
+                    f"{claimed[id(params[role])]}; it gets factors from that layer only"
                 )
                 del params[role]
             if not params:
@@ -298,19 +390,33 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             for p in group["params"]
             if id(p) not in claimed
         ]
+        out_proj = {
+            names[id(p)] for m in model.modules() if id(m) in never_called
+            for p in m.parameters() if id(p) in names
+        }
+        why = [n for n in identity if n in out_proj]
+        detail = (
+            f"{', '.join(why)}: nn.MultiheadAttention never calls its out_proj's forward (it "
+            "uses F.multi_head_attention_forward), so no statistics can be taken there"
+        )
+        reason = f"; {detail}" if why else ""
         # eigen: every parameter without an eigenbasis layer is trained by Adam, by design
         if not eigen and not layers:
-            warnings.warn(
+            warn(
                 f"AdaFisher: {type(model).__name__} has no supported layer (Linear, Conv2d, "
-                "BatchNorm, LayerNorm, Embedding or a registered helper); every parameter uses the identity "
-                "preconditioner",
-                stacklevel=2,
+                "BatchNorm, LayerNorm, Embedding or a registered helper); every parameter uses "
+                f"the identity preconditioner{reason}"
             )
         elif not eigen and identity:
-            warnings.warn(
+            warn(
                 f"AdaFisher: {len(identity)} parameter(s) have no supported layer and use the "
-                f"identity preconditioner: {', '.join(identity)}",
-                stacklevel=2,
+                f"identity preconditioner: {', '.join(identity)}{reason}"
+            )
+        elif eigen and why:
+            warn(
+                f"AdaFisher: {detail}; "
+                + ("the weight gets factors from its own gradient, the bias is trained by Adam"
+                   if self.param_groups[0]["gradient_factors"] else "they are trained by Adam")
             )
         self._binding = {id(p): (layer, role) for layer in layers for role, p in layer.params.items()}
         self._parameter_names = names
@@ -350,7 +456,10 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_betas()
         glob = self._global_state()
+        if self.param_groups[0]["skip_nonfinite_steps"] and self._skip_nonfinite_step():
+            return loss
         t = glob[GLOBAL_STEPS] + 1
         eigen = self.variant == "eigen"
         if self._collector is None:
@@ -371,6 +480,37 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if self._collector is not None:
             self._collector.active = self._is_statistics_step(t + 1)
         return loss
+
+    def _skip_nonfinite_step(self) -> bool:
+        """With ``skip_nonfinite_steps``: if any gradient holds inf/NaN, skip the whole step as
+        ``GradScaler`` does (parameters, moments, factors and the step count unchanged; this
+        step's statistics dropped) and return True. One read from the device per device."""
+        named = [(p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, grad) in enumerate(named):
+            by_device.setdefault(grad.device, []).append(i)
+        bad: list[int] = []
+        for indices in by_device.values():
+            finite = torch.stack([torch.isfinite(named[i][1]).all() for i in indices])
+            if not bool(finite.all()):
+                bad += [i for i, ok in zip(indices, finite.tolist()) if not ok]
+        if not bad:
+            return False
+        if self._collector is not None:
+            self._collector.discard()
+        glob = self._global_state()
+        glob[GLOBAL_SKIPPED_STEPS] = glob.get(GLOBAL_SKIPPED_STEPS, 0) + 1
+        names = [
+            self._parameter_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+            for p, _ in (named[i] for i in sorted(bad))
+        ]
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        warn(
+            f"AdaFisher: step skipped (skip_nonfinite_steps=True): non-finite gradients in "
+            f"{shown}; parameters, moments and factors are unchanged. Steps skipped so far: "
+            "optimizer.state['adafisher']['skipped_steps']"
+        )
+        return True
 
     def discard_statistics(self) -> None:
         """Drop the statistics gathered since the last step (e.g. a step ``GradScaler`` skipped)."""
@@ -411,11 +551,10 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         seen = set(names)
         missing = [layer.name for layer in layers if layer.name not in seen]
         if missing:
-            warnings.warn(
+            warn(
                 "AdaFisher: these layers received no statistics on the first statistics step "
                 f"and {meanwhile} until they do (not called through their forward, outside "
-                f"training mode, or no gradient reached them): {', '.join(missing)}",
-                stacklevel=4,
+                f"training mode, or no gradient reached them): {', '.join(missing)}"
             )
 
     def _fold_batch(
@@ -517,11 +656,12 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         for name in bad:
             skipped[name] = skipped.get(name, 0) + 1
         what = "inf/NaN" if self.variant == "paper" else "NaN"
-        warnings.warn(
+        warn(
             f"AdaFisher: statistics containing {what} were not folded into the factors of "
             f"{', '.join(bad)} (their H and S are unchanged this step); counts so far are in "
-            "optimizer.state['adafisher']['skipped_statistics']",
-            stacklevel=4,
+            "optimizer.state['adafisher']['skipped_statistics']. The parameter update of that "
+            "step WAS applied: non-finite gradients, if any, went into the parameters and "
+            "exp_avg (pass skip_nonfinite_steps=True to skip such steps, or use a GradScaler)"
         )
 
     def _warn_unattached(self) -> None:
@@ -532,11 +672,10 @@ class AdaFisher(EigenbasisSteps, Optimizer):
                 "from their gradients, the rest are trained by Adam)"
                 if self.variant == "eigen" else "so every parameter uses the identity preconditioner"
             )
-            warnings.warn(
+            warn(
                 f"AdaFisher has no statistics hooks, {what}: pass the model (AdaFisher(model)), "
                 "call optimizer.attach(model), or add lightning_adafisher.AdaFisherCallback to "
-                "the Trainer",
-                stacklevel=3,
+                "the Trainer"
             )
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
@@ -604,7 +743,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state[STEP] += 1
             params.append(p)
-            grads.append(p.grad)
+            grads.append(torch.neg(p.grad) if group["maximize"] else p.grad)
             exp_avgs.append(state[EXP_AVG])
             steps.append(state[STEP])
         foreach = group["foreach"]
@@ -612,17 +751,25 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             foreach = bool(params) and all(p.is_cuda for p in params)
         fused = group.get("fused", False)
         denoms = [self._denominator(p, group["damping"], fused) for p in params]
+        compiled_before = fused and fn.fused_failure() is None
         fn.adafisher_update(
             params, grads, exp_avgs, denoms, steps,
             lr=group["lr"], beta=group["beta"], weight_decay=group["weight_decay"],
             decoupled=self._decoupled, foreach=foreach, fused=fused, workspace=self._scratch,
         )
+        if compiled_before and fn.fused_failure() is not None:
+            warn(
+                f"AdaFisher(fused=True): torch.compile of the fused update failed "
+                f"({fn.fused_failure()}); using the eager update from now on (same numbers, "
+                "slower). Pass fused=False to silence."
+            )
 
     # --- checkpointing ----------------------------------------------------------------------
 
     @staticmethod
     def _before_state_dict(self: AdaFisher) -> None:
         self._resolve_skip_check()  # deferred counts belong in the checkpoint
+        self._sync_betas()
 
     @staticmethod
     def _copy_global_state(self: AdaFisher, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -632,8 +779,55 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             state_dict["state"][GLOBAL] = copy.deepcopy(state_dict["state"][GLOBAL])
         return state_dict
 
+    def _expected_state_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        """The shape every state tensor of ``p`` must have for this model (those known)."""
+        shapes = {EXP_AVG: tuple(p.shape), EXP_AVG_SQ: tuple(p.shape)}
+        bound = self._binding.get(id(p))
+        if bound is not None and bound[0].primary is p:
+            layer = bound[0]
+            n_h, n_s = layer.helper.factor_sizes(layer.module)
+            if self.variant != "eigen":
+                shapes[FACTOR_H], shapes[FACTOR_S] = (n_h,), (n_s,)
+                return shapes
+            cols = self._eigen_columns(layer)
+            shapes[EIGEN_EXP_AVG] = shapes[EIGEN_EXP_AVG_SQ] = (n_s, cols)
+            shapes[FACTOR_H] = shapes[EIGENBASIS_H] = (cols, cols)
+            shapes[FACTOR_S] = shapes[EIGENBASIS_S] = (n_s, n_s)
+        elif bound is None and self.variant == "eigen" and (matrix := matrix_shape(p)) is not None:
+            shapes[EIGEN_EXP_AVG] = shapes[EIGEN_EXP_AVG_SQ] = matrix
+            shapes[FACTOR_H] = shapes[EIGENBASIS_H] = (matrix[1], matrix[1])
+            shapes[FACTOR_S] = shapes[EIGENBASIS_S] = (matrix[0], matrix[0])
+        return shapes
+
+    def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, naming what does not fit, a state saved by another optimizer or for a
+        different model (which would otherwise load and fail at the next ``step``)."""
+        saved_groups = state_dict.get("param_groups", [])
+        missing = sorted({key for group in saved_groups for key in _FIRST_KEYS if key not in group})
+        if missing:
+            raise ValueError(
+                f"Cannot load this state into {type(self).__name__}: it comes from another "
+                f"optimizer (its param groups lack {', '.join(missing)}). Load it into the "
+                "optimizer that saved it, or start this one from a fresh state."
+            )
+        saved_state = state_dict.get("state", {})
+        for g, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups)):
+            for j, (p, index) in enumerate(zip(group["params"], saved_group["params"])):
+                saved = saved_state.get(index, {})
+                for key, shape in self._expected_state_shapes(p).items():
+                    value = saved.get(key)
+                    if isinstance(value, Tensor) and tuple(value.shape) != shape:
+                        name = self._parameter_names.get(id(p), f"of shape {tuple(p.shape)}")
+                        raise ValueError(
+                            f"Cannot load this state: for parameter {name} (param group {g}, "
+                            f"index {j}) the saved {key} has shape {tuple(value.shape)}, this "
+                            f"model needs {shape}. Was the model changed since the checkpoint "
+                            "was saved?"
+                        )
+
     @staticmethod
     def _before_load_state_dict(self: AdaFisher, state_dict: dict[str, Any]) -> None:
+        self._check_loaded_state(state_dict)
         # torch casts every floating state tensor to its parameter's dtype while loading; a
         # bf16 model's float32 factors (and the eigen variant's bases and moments) would come
         # back rounded to bf16. Keep the saved tensors to restore them after the load.
@@ -647,6 +841,9 @@ class AdaFisher(EigenbasisSteps, Optimizer):
 
     def _after_load_state_dict(self) -> None:
         self._pending_check = None  # flags of the replaced state
+        self._synced_betas = {}
+        for group in self.param_groups:  # a checkpoint holds them reconciled
+            self._synced_betas[id(group)] = group["betas"] = (group["beta"], group["beta2"])
         if GLOBAL in self.state:
             self.state[GLOBAL] = copy.deepcopy(self.state[GLOBAL])  # type: ignore[index]
         # Factors live in >= float32: the saved tensors, not torch's casts to the parameter dtype.

@@ -5,7 +5,8 @@
 * ``state[primary parameter of a layer]`` (or of a gradient-factored parameter, eigen variant):
   ``factor_h``, ``factor_s``, ``factor_updates``; eigen variant also ``eigenbasis_h``,
   ``eigenbasis_s``, ``eigen_exp_avg``, ``eigen_exp_avg_sq``, ``eigenbasis_factor_updates``;
-* ``state["adafisher"]``: optimizer-wide counters ``steps`` and ``skipped_statistics``.
+* ``state["adafisher"]``: optimizer-wide counters ``steps``, ``skipped_statistics`` and, once
+  a step was skipped for non-finite gradients, ``skipped_steps``.
 """
 
 from __future__ import annotations
@@ -31,4 +32,6 @@ _STATS_DTYPE_KEYS = frozenset(
 GLOBAL = "adafisher"
 GLOBAL_STEPS = "steps"
 GLOBAL_SKIPPED = "skipped_statistics"
+GLOBAL_SKIPPED_STEPS = "skipped_steps"
+"""Steps skipped for non-finite gradients (``skip_nonfinite_steps=True``); absent until one is."""
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_adafisher import compat
 from lightning_adafisher import functional as fn
 from lightning_adafisher.layers import LayerHelper
 
@@ -70,13 +71,8 @@ def _saved_mean(node: Any, expected_shape: tuple[int, ...]) -> Tensor | None:
     Not read while saved-tensor hooks are active (activation checkpointing, offloading): their
     unpack hook would run in the forward. A mean of an unexpected shape is not used either.
     """
-    try:
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
-            return None
-        mean = node._saved_result1
-    except (AttributeError, RuntimeError):
-        return None
-    return mean if isinstance(mean, Tensor) and tuple(mean.shape) == expected_shape else None
+    mean = compat.saved_norm_mean(node)
+    return mean if mean is not None and tuple(mean.shape) == expected_shape else None
 
 
 def _deferred_total(finish: Callable[[], Tensor]) -> Callable[[], Tensor]:
@@ -313,7 +309,7 @@ class StatisticsCollector:
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
-            if torch._C._current_graph_task_id() != -1:
+            if compat.in_backward():
                 # Forward inside backward: an activation-checkpoint recomputation.
                 if self._counted_forwards.get(name, 0) > 0:
                     self._counted_forwards[name] -= 1

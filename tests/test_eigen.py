@@ -474,7 +474,7 @@ def test_default_optimizer_fits_a_model_of_mixed_layer_types_and_moves_every_par
     torch.manual_seed(0)
     model = ZooNet()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as at_attach:
         warnings.simplefilter("always")
         opt = AdaFisherW(model)  # every default: the eigen variant, lr 3e-3
     assert opt.variant == "eigen" and opt.param_groups[0]["lr"] == 3e-3
@@ -489,7 +489,7 @@ def test_default_optimizer_fits_a_model_of_mixed_layer_types_and_moves_every_par
             opt.step()
             losses.append(loss.item())
     # MultiheadAttention computes out_proj inside F.multi_head_attention_forward: no statistics
-    assert any("attn.out_proj" in str(w.message) and "trained by Adam" in str(w.message) for w in caught)
+    assert any("attn.out_proj" in str(w.message) and "trained by Adam" in str(w.message) for w in at_attach)
     assert losses[-1] < 0.5 * losses[0]  # memorises the fixed batch
     for name, p in model.named_parameters():
         assert not torch.equal(p, start[name]), name

@@ -439,3 +439,27 @@ def test_a_compiled_model_gathers_the_statistics_of_the_eager_one(variant):
         for got_total, want in ((got.h_total, h), (got.s_total, s)):
             atol = 0.0 if variant == "paper" else 1e-5 * want.abs().max().item()
             torch.testing.assert_close(got_total, want, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.slow
+def test_compiling_a_batchnorm_model_under_the_hooks_gives_no_dynamo_cache_warning():
+    """``torch.compile(model)`` runs the hooks inside its trace: the statistics' cached
+    constants are built uncached there (Dynamo warned about the ``lru_cache`` before), and the
+    statistics equal the eager ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    opt = AdaFisher(model, variant="paper")
+    F.cross_entropy(model(x), y).backward()
+    eager = {k: (v.h_total.clone(), v.s_total.clone()) for k, v in opt.collector.consume().items()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F.cross_entropy(torch.compile(model)(x), y).backward()
+    compiled = opt.collector.consume()
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+    assert sorted(compiled) == sorted(eager) == ["0", "1", "4"]
+    for name, (h, s) in eager.items():
+        torch.testing.assert_close(compiled[name].h_total, h, rtol=1e-5, atol=0)
+        torch.testing.assert_close(compiled[name].s_total, s, rtol=1e-5, atol=0)
