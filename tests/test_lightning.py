@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
@@ -91,6 +93,101 @@ def test_sharded_strategies_are_refused():
     trainer = type("T", (), {"strategy": FSDPStrategy()})()
     with pytest.raises(MisconfigurationException, match="does not support the sharded strategy FSDPStrategy"):
         AdaFisherCallback().setup(trainer, None, "fit")
+
+
+class FSDPStrategy(SingleDeviceStrategy):
+    """A CPU strategy under a sharded strategy's class name (the refusal goes by the name)."""
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_sharded_strategy_name_is_refused_only_for_fit(stage):
+    class Evaluated(MLPModule):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+        def test_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("test_loss", F.cross_entropy(self(x), y))
+
+        def predict_step(self, batch, batch_idx):
+            return self(batch[0]).argmax(-1)
+
+    module, loader = Evaluated(), DataLoader(make_data(8), batch_size=4)
+    trainer = _trainer(precision="64-true", strategy=FSDPStrategy(torch.device("cpu")),
+                       callbacks=[AdaFisherCallback()])
+    out = getattr(trainer, stage)(module, loader)
+    if stage == "predict":
+        assert [p.shape for p in out] == [torch.Size([4]), torch.Size([4])]
+    else:
+        key = f"{'val' if stage == 'validate' else 'test'}_loss"
+        expected = F.cross_entropy(module(make_data(8).tensors[0]), make_data(8).tensors[1])
+        assert out[0][key] == pytest.approx(expected.item(), rel=1e-12)
+    with pytest.raises(MisconfigurationException, match=(
+        r"AdaFisherCallback does not support the sharded strategy FSDPStrategy yet: its statistics "
+        r"hooks need whole parameters. Use strategy='ddp' \(or a single device\).")):
+        _trainer(precision="64-true", strategy=FSDPStrategy(torch.device("cpu")),
+                 callbacks=[AdaFisherCallback()]).fit(Evaluated(), loader)
+
+
+class _WithUnsupported(MLPModule):
+    """A raw parameter (identity preconditioner: a warning at attach) and a NaN loss at batch 1, the last
+    (non-finite statistics: a warning at the step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x) * self.scale, y)
+        return loss * float("nan") if batch_idx == 1 else loss
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_optimizer_warnings_print_on_rank_zero_only(rank, monkeypatch):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    trainer = _trainer(precision="64-true", max_epochs=1, callbacks=[AdaFisherCallback()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_WithUnsupported(), DataLoader(make_data(8), batch_size=4))
+    ours = [str(w.message) for w in caught if str(w.message).startswith("AdaFisher")]
+    if rank == 0:
+        assert len(ours) == 2, ours
+        assert ours[0] == ("AdaFisher: 1 parameter(s) have no supported layer and use the identity "
+                           "preconditioner: scale")
+        assert ours[1].startswith("AdaFisher: statistics containing inf/NaN were not folded")
+    else:
+        assert ours == []
+    # the filter that silenced the other ranks is gone after fit
+    with pytest.warns(UserWarning, match="AdaFisher: test"):
+        warnings.warn("AdaFisher: test")
+
+
+def test_callback_counters_survive_resume(tmp_path):
+    scaler = lambda: MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**14))  # noqa: E731
+    loader = lambda: DataLoader(make_data(32, dtype=torch.float32), batch_size=8)  # noqa: E731
+
+    straight = AdaFisherCallback()
+    _trainer(max_epochs=2, plugins=[scaler()], callbacks=[straight]).fit(_AmpModule(overflow_at=1), loader())
+    assert (straight._discarded, straight._statistics_steps) == (2, 8)  # batch 1 of each epoch
+
+    first = AdaFisherCallback()
+    t1 = _trainer(tmp_path, max_epochs=1, plugins=[scaler()], callbacks=[first])
+    t1.fit(_AmpModule(overflow_at=1), loader())
+    first._comm_seconds = 0.25  # (single device: nothing to communicate) to see it restored
+    t1.save_checkpoint(tmp_path / "e1.ckpt")
+    saved = torch.load(tmp_path / "e1.ckpt", weights_only=False)["callbacks"]["AdaFisherCallback"]
+    assert saved == {"discarded": 1, "statistics_steps": 4, "comm_seconds": 0.25}
+
+    resumed = AdaFisherCallback()
+    t2 = _trainer(tmp_path, max_epochs=2, plugins=[scaler()], callbacks=[resumed])
+    t2.fit(_AmpModule(overflow_at=1), loader(), ckpt_path=str(tmp_path / "e1.ckpt"))
+    assert (resumed._discarded, resumed._statistics_steps) == (2, 8)
+    assert resumed._comm_seconds == 0.25
+    assert resumed.state_dict() == {"discarded": 2, "statistics_steps": 8, "comm_seconds": 0.25}
 
 
 def test_adafisher_without_callback_warns():
