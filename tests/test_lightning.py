@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -371,6 +372,36 @@ def test_mixin_configures_adafisherw_cosine_groups_and_callback():
     assert opt.state[module.net.conv.weight]["factor_updates"] == 4
     # cosine over 4 steps: lr after 4 steps is 0.02 · (1 + cos(π)) / 2 = 0
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+class _StopAfter(pl.Callback):
+    """Records the lr after each batch and stops after ``n`` batches."""
+
+    def __init__(self, n: int):
+        self.n, self.lrs = n, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        if len(self.lrs) == self.n:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("length", [dict(max_epochs=-1), dict(max_epochs=None, max_time="00:00:10:00")])
+def test_mixin_without_finite_length_keeps_lr_constant(length):
+    stop = _StopAfter(6)
+    trainer = _trainer(precision="64-true", callbacks=[stop], **length)
+    with pytest.warns(UserWarning, match=r"AdaFisherMixin: the run has no finite length .* training at "
+                                         r"constant lr. Set Trainer\(max_steps=...\) or max_epochs"):
+        trainer.fit(MixinConvModule(lr=0.02), DataLoader(conv_data(16), batch_size=8))
+    assert trainer.global_step == 6  # three epochs of two steps, then stopped
+    assert stop.lrs == [0.02] * 6
+    assert trainer.lr_scheduler_configs == []
+    # with a length, the cosine schedule: lr_t = 0.02 · (1 + cos(π t / 6)) / 2 after step t
+    stop = _StopAfter(6)
+    trainer = _trainer(precision="64-true", callbacks=[stop], max_epochs=-1, max_steps=6)
+    trainer.fit(MixinConvModule(lr=0.02), DataLoader(conv_data(16), batch_size=8))
+    assert stop.lrs == pytest.approx([0.02 * (1 + math.cos(math.pi * t / 6)) / 2 for t in range(1, 7)],
+                                     rel=1e-12, abs=1e-15)
 
 
 def test_mixin_rejects_unknown_scheduler():
