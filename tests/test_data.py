@@ -482,6 +482,17 @@ def test_text_missing_data_message_when_hf_cache_fails(tmp_path, monkeypatch):
                     tmp_path / "wikitext-2-raw" / "wiki.train.raw")
 
 
+def test_dataset_not_found_error_lives_in_a_neutral_module_and_old_imports_work():
+    from lightning_adafisher import tasks
+    from lightning_adafisher.tasks import data_common, data_vision
+
+    assert data_common.DatasetNotFoundError is data_vision.DatasetNotFoundError
+    assert data_text.DatasetNotFoundError is data_common.DatasetNotFoundError
+    assert tasks.DatasetNotFoundError is data_common.DatasetNotFoundError
+    assert data_common.DatasetNotFoundError.__module__ == "lightning_adafisher.tasks.data_common"
+    assert issubclass(DatasetNotFoundError, FileNotFoundError)
+
+
 def test_bad_tokenizer_path_message(tmp_path, no_hf_datasets):
     root = write_ptb(tmp_path / "data")
     dm = TextDataModule(dataset="ptb", root=str(root), tokenizer_path=str(tmp_path / "gpt1"))

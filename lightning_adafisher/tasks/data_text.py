@@ -33,7 +33,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_adafisher.tasks.data_vision import DatasetNotFoundError, not_found_error
+from lightning_adafisher.tasks.data_common import DatasetNotFoundError, not_found_error
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
