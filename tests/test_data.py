@@ -531,3 +531,57 @@ def test_constructor_arguments_are_plain_and_cli_parsable(cls):
     config = parser.parse_args([])
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
     assert type(instantiate(config)["data"]) is cls
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loader that resumes mid-epoch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resumable_loader_continues_where_its_state_says(num_workers):
+    from torch.utils.data import TensorDataset
+
+    from lightning_adafisher.tasks.data_common import resumable_train_loader
+
+    data = TensorDataset(torch.arange(10))
+    make = lambda: resumable_train_loader(data, 3, num_workers, seed=5)  # noqa: E731
+    straight = make()
+    epochs = []
+    for epoch in range(2):
+        straight.sampler.set_epoch(epoch)  # what Lightning does at every epoch start
+        epochs.append([b[0].tolist() for b in straight])
+    g = torch.Generator().manual_seed(5 + 1)
+    assert sum(epochs[1], []) == torch.randperm(10, generator=g).tolist()  # order = f(seed, epoch)
+    assert epochs[0] != epochs[1] and [len(b) for b in epochs[0]] == [3, 3, 3, 1]
+
+    first = make()
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    taken = [next(it)[0].tolist(), next(it)[0].tolist()]
+    assert first.state_dict() == {"epoch": 1, "batches": 2}
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)  # Lightning: iter() first, then set_epoch(1), then the first batch
+    resumed.sampler.set_epoch(1)
+    assert taken + [b[0].tolist() for b in it] == epochs[1]
+    assert resumed.state_dict() == {"epoch": 1, "batches": 4}
+    # a state saved after the last batch of epoch 0 continues with epoch 1 from its start
+    after_last = make()
+    after_last.load_state_dict({"epoch": 0, "batches": 4})
+    assert [b[0].tolist() for b in after_last] == epochs[1]
+
+
+def test_recipe_train_loaders_are_resumable(cifar10_root, tmp_path, no_hf_datasets):
+    from lightning_adafisher.tasks.data_common import ResumableDataLoader
+
+    cifar = CIFARDataModule(root=str(cifar10_root), batch_size=4, num_workers=0)
+    cifar.setup("fit")
+    digits = DigitsDataModule()
+    digits.setup("fit")
+    text = TextDataModule(dataset="ptb", root=str(write_ptb(tmp_path)), context_length=8, bpe_vocab_size=300)
+    text.setup("fit")
+    for dm in (cifar, digits, text):
+        loader = dm.train_dataloader()
+        assert isinstance(loader, ResumableDataLoader) and loader.sampler.seed == dm.seed
+        assert type(dm.val_dataloader()) is torch.utils.data.DataLoader

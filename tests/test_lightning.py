@@ -550,3 +550,66 @@ def test_two_nodes_over_loopback_with_torchrun(tmp_path):
     expected = plain_full_batch().state_dict()
     for rank in (r0, r1):
         _assert_same_params({k.removeprefix("net."): v for k, v in rank.items()}, expected)
+
+
+# --- exact resume mid-epoch (the recipes' data modules) --------------------------------------
+
+
+class _DigitsMLP(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(),
+                                       torch.nn.Linear(16, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return AdaFisherW(self.parameters(), variant="paper", lr=1e-2, update_interval=2)
+
+
+def _assert_equal_nested(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal_nested(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_nested(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def _digits_fit(tmp_path, ckpt_path=None, every=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_adafisher.tasks.data_vision import DigitsDataModule
+
+    callbacks = [AdaFisherCallback()]
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1,
+                                         filename="{step}"))
+    module = _DigitsMLP()
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=callbacks, enable_checkpointing=bool(every))
+    # 1438 training images in batches of 128: 12 steps per epoch, the last one of 30
+    trainer.fit(module, DigitsDataModule(batch_size=128, val_fraction=0.0, seed=3), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+@pytest.mark.parametrize("step", [5, 12, 15])  # mid-epoch 1, end of epoch 1, mid-epoch 2
+def test_recipe_data_resumes_mid_epoch_exactly(tmp_path, step):
+    straight, t0 = _digits_fit(tmp_path / "straight", every=step)
+    ckpt = tmp_path / "straight" / f"step={step}.ckpt"
+    assert torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": (step - 1) // 12, "batches": (step - 1) % 12 + 1}
+    ]
+    resumed, t1 = _digits_fit(tmp_path / "resumed", ckpt_path=str(ckpt))
+    assert t1.global_step == t0.global_step == 24
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), (k, (a - b).abs().max().item())
+    _assert_equal_nested(t0.optimizers[0].state_dict(), t1.optimizers[0].state_dict())

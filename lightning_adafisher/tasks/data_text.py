@@ -33,7 +33,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_adafisher.tasks.data_common import DatasetNotFoundError, not_found_error
+from lightning_adafisher.tasks.data_common import (
+    DatasetNotFoundError, not_found_error, resumable_train_loader,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -481,12 +483,14 @@ class TextDataModule(LightningDataModule):
     def _dataloader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"TextDataModule: call setup() before asking for the {split} loader")
+        if shuffle:  # training: resumes mid-epoch exactly (see data_common.ResumableDataLoader)
+            return resumable_train_loader(self.datasets[split], self.batch_size, self.num_workers,
+                                          self.seed, self.trainer, pin_memory=torch.cuda.is_available())
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )

@@ -23,7 +23,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typing_extensions import override
 
-from lightning_adafisher.tasks.data_common import DatasetNotFoundError, not_found_error
+from lightning_adafisher.tasks.data_common import (
+    DatasetNotFoundError, not_found_error, resumable_train_loader,
+)
 
 __all__ = [
     "CIFARDataModule",
@@ -43,17 +45,19 @@ def _require_torchvision(what: str) -> None:
 
 
 def _loader(
-    dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int | None
+    dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int | None,
+    trainer: Any = None,
 ) -> DataLoader:
-    # A dedicated generator makes the shuffle order depend on ``seed`` only, not on how much of
-    # the global RNG other code consumed; ``None`` keeps torch's default (global RNG).
-    generator = torch.Generator().manual_seed(seed) if (shuffle and seed is not None) else None
+    if shuffle:
+        # The training loader: epoch e's order is a function of (seed, e) alone, and Lightning
+        # checkpoints where in the epoch it stands, so fit(ckpt_path=...) continues exactly.
+        return resumable_train_loader(dataset, batch_size, num_workers, seed if seed is not None else 0,
+                                      trainer, pin_memory=torch.cuda.is_available())
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=False,
         num_workers=num_workers,
-        generator=generator,
         pin_memory=torch.cuda.is_available(),
         # Re-forking workers every epoch costs seconds on ImageNet-sized folders.
         persistent_workers=num_workers > 0,
@@ -226,7 +230,8 @@ class _SplitDataModule(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed)
+        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed,
+                       trainer=self.trainer)
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -515,7 +520,8 @@ class ImageNetDataModule(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=None)
+        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=0,
+                       trainer=self.trainer)
 
     @override
     def val_dataloader(self) -> DataLoader:
