@@ -613,3 +613,67 @@ def test_recipe_data_resumes_mid_epoch_exactly(tmp_path, step):
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), (k, (a - b).abs().max().item())
     _assert_equal_nested(t0.optimizers[0].state_dict(), t1.optimizers[0].state_dict())
+
+
+# --- the histogram callback's loggers: TensorBoard, CSV as the fallback ----------------------
+
+
+def test_histogram_callback_writes_tensorboard_histograms(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_adafisher.diagnostics import FisherHistogramCallback
+    from lightning_adafisher.diagnostics.preconditioner import preconditioner_diagonal
+
+    class Snapshot(pl.Callback):  # the diagonal at each recorded step, read the callback's way
+        def __init__(self):
+            self.values = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in (1, 3):
+                diag = preconditioner_diagonal(trainer.optimizers[0], pl_module.net[2])
+                self.values[trainer.global_step] = diag.detach().float().reshape(-1).double()
+
+    snap = Snapshot()
+    recorder = FisherHistogramCallback(every_n_steps=2, out_dir="", label="af")
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    trainer = _trainer(tmp_path, precision="64-true", max_epochs=1, logger=logger,
+                       callbacks=[AdaFisherCallback(), recorder, snap])
+    trainer.fit(MLPModule(variant="paper"), DataLoader(make_data(32), batch_size=8))  # 4 steps
+    logger.experiment.flush()
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert sorted(events.Tags()["histograms"]) == ["fisher_diagonal/af/net.0", "fisher_diagonal/af/net.2"]
+    written = events.Histograms("fisher_diagonal/af/net.2")
+    assert [h.step for h in written] == [1, 3]  # every_n_steps=2: after steps 1 and 3
+    for h in written:
+        expected = snap.values[h.step]
+        assert h.histogram_value.num == 3 * 16 == expected.numel()
+        assert h.histogram_value.min == pytest.approx(float(expected.min()), rel=1e-6)
+        assert h.histogram_value.max == pytest.approx(float(expected.max()), rel=1e-6)
+        assert h.histogram_value.sum == pytest.approx(float(expected.sum()), rel=1e-6)
+        assert h.histogram_value.sum_squares == pytest.approx(float(expected.square().sum()), rel=1e-6)
+        assert sum(h.histogram_value.bucket) == 48
+    assert not (tmp_path / "tb" / "version_0" / "metrics.csv").exists()
+
+
+def test_histogram_callback_logs_summaries_to_csv_without_histograms(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_adafisher.diagnostics import FisherHistogramCallback
+
+    recorder = FisherHistogramCallback(every_n_steps=2, out_dir="", label="af")
+    trainer = _trainer(tmp_path, precision="64-true", max_epochs=1, logger=CSVLogger(str(tmp_path)),
+                       callbacks=[AdaFisherCallback(), recorder])
+    trainer.fit(MLPModule(variant="paper"), DataLoader(make_data(32), batch_size=8))
+    rows = list(csv.DictReader(next(Path(tmp_path).rglob("metrics.csv")).open()))
+    for layer in ("net.0", "net.2"):
+        logged = [(int(r["step"]), float(r[f"fisher_diagonal/af/{layer}/mean"])) for r in rows
+                  if r.get(f"fisher_diagonal/af/{layer}/mean")]
+        assert logged == [(step, pytest.approx(s["mean"], rel=1e-12)) for step, s in recorder.records[layer]]
+        assert [step for step, _ in logged] == [1, 3]
+        last = next(r for r in rows if r["step"] == "3" and r.get(f"fisher_diagonal/af/{layer}/q50"))
+        assert float(last[f"fisher_diagonal/af/{layer}/q50"]) == pytest.approx(recorder.records[layer][-1][1]["q50"])
