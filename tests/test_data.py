@@ -29,7 +29,9 @@ from lightning_adafisher.tasks.data_vision import (
     ImageNetDataModule,
     apply_cutout,
 )
-from tests.data_fixtures import write_cifar, write_imagefolder, write_ptb, write_wikitext2
+from tests.data_fixtures import (
+    write_cifar, write_hf_wikitext2, write_imagefolder, write_ptb, write_wikitext2,
+)
 
 pytest.importorskip("torchvision")
 pytest.importorskip("tokenizers")
@@ -412,6 +414,46 @@ def test_text_falls_back_to_the_hugging_face_cache_offline(tmp_path, monkeypatch
     assert module.config.HF_HUB_OFFLINE is False  # ... and restored afterwards
     assert dm.texts()["train"].count("\n") == 80  # rows without a newline get one
     assert len(dm.datasets["train"]) > 0
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "text"])
+def test_text_from_local_files_through_hugging_face_datasets(tmp_path, fmt):
+    pytest.importorskip("datasets")
+    source = write_wikitext2(tmp_path / "local")
+    pattern = write_hf_wikitext2(tmp_path / "hub", source, fmt)
+    kw = dict(dataset="wikitext2", context_length=8, bpe_vocab_size=300, batch_size=4)
+    hf = TextDataModule(root=str(tmp_path / "empty"), hf_data_files=pattern,
+                        cache_dir=str(tmp_path / "cache_hf"), **kw)
+    local = TextDataModule(root=str(source), cache_dir=str(tmp_path / "cache_local"), **kw)
+    assert hf.texts() == local.texts()  # the same characters, split by split
+    assert hf.texts()["valid"].startswith(" \n = ")
+    for dm in (hf, local):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert hf.vocab_size == local.vocab_size
+    for split in ("train", "valid"):
+        assert torch.equal(hf.datasets[split].ids, local.datasets[split].ids)
+    for a, b in zip(hf.train_dataloader(), local.train_dataloader()):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert (tmp_path / "cache_hf" / "hf").is_dir()  # datasets' Arrow cache stays in cache_dir
+    assert hf.tokenizer_cache_file.name.startswith("wikitext2-hf-bpe300-")
+
+
+def test_text_hf_data_files_errors(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    pattern = str(tmp_path / "hub" / "{split}-00000-of-00001.parquet")
+    with pytest.raises(DatasetNotFoundError) as err:
+        TextDataModule(dataset="wikitext2", root=str(tmp_path), hf_data_files=pattern).setup("fit")
+    _assert_message(err, "WikiText-2 not found", tmp_path / "hub" / "train-00000-of-00001.parquet",
+                    tmp_path / "hub" / "validation-00000-of-00001.parquet",
+                    "huggingface.co/datasets/Salesforce/wikitext/tree/main/wikitext-2-raw-v1 "
+                    "({train,validation,test}-00000-of-00001.parquet)")
+    with pytest.raises(ValueError, match=r"Invalid hf_data_files: 'x.parquet' \(expected a path with \{split\}"):
+        TextDataModule(dataset="wikitext2", root=str(tmp_path), hf_data_files="x.parquet").texts()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # the fallback without the package
+    with pytest.raises(ImportError, match=r"hf_data_files needs the optional `datasets` package: "
+                                          r"pip install 'lightning-adafisher\[recipes\]'"):
+        TextDataModule(dataset="wikitext2", root=str(tmp_path), hf_data_files=pattern).texts()
 
 
 def _assert_message(err: pytest.ExceptionInfo, *parts: str | Path) -> None:
