@@ -93,30 +93,38 @@ class ResumableDataLoader(DataLoader):
     The iterator is created lazily, at the first batch asked for: Lightning calls
     ``set_epoch`` after it calls ``iter()`` on a resumed run, and with worker processes the
     first indices are sent to the workers as soon as the real iterator exists.
+
+    If Lightning rebuilds the loader with another sampler (``overfit_batches`` puts in a
+    ``SequentialSampler``), it is a plain ``DataLoader`` with an empty state.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
-            raise TypeError("ResumableDataLoader needs sampler=ResumableSampler(...) and a batch_size")
         self._batches = 0
+
+    def _resumable(self) -> bool:
+        return isinstance(self.sampler, ResumableSampler) and self.batch_size is not None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         return self._iterate()
 
     def _iterate(self) -> Iterator[Any]:
-        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        self._batches = sampler.start // self.batch_size  # type: ignore[operator]
+        start = self.sampler.start if self._resumable() else 0  # type: ignore[attr-defined]
+        self._batches = start // (self.batch_size or 1)
         for batch in super().__iter__():
             self._batches += 1  # counted when handed out: a checkpoint now has it consumed
             yield batch
 
     def state_dict(self) -> dict[str, int]:
         """Where the training loop stands: the sampler's epoch and the batches taken of it."""
+        if not self._resumable():
+            return {}
         return {"epoch": int(self.sampler.epoch), "batches": self._batches}  # type: ignore[attr-defined]
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Continue at batch ``state_dict["batches"]`` of epoch ``state_dict["epoch"]``."""
+        if not state_dict or not self._resumable():
+            return
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
         if batches >= len(self):  # saved after the epoch's last batch: the next one starts afresh
