@@ -341,7 +341,10 @@ class TextDataModule(LightningDataModule):
 
     See the module docstring for where the text is looked for. Batches are two int64
     ``[B, context_length]`` tensors; ``targets`` is ``inputs`` shifted left by one token. The
-    training loader shuffles windows (seeded); validation and test keep stream order.
+    training loader shuffles windows (epoch ``e``'s order a function of ``(seed, e)``) and resumes
+    mid-epoch exactly from a Lightning checkpoint (a
+    :class:`~lightning_adafisher.tasks.data_common.ResumableDataLoader`); validation and test
+    keep stream order.
 
     A model reads :attr:`vocab_size` for its embedding and output sizes: the real size of the
     tokenizer (every id is below it), which can be smaller than the requested ``bpe_vocab_size``

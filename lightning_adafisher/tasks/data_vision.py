@@ -6,6 +6,10 @@ Nothing here downloads. Each module checks its files in ``prepare_data`` and aga
 from where, and the exact path it is expected at — before torchvision is called, so a missing
 dataset is one readable message instead of a deep stack trace.
 
+Training loaders are :class:`~lightning_adafisher.tasks.data_common.ResumableDataLoader`\ s: epoch
+``e``'s order is a function of ``(seed, e)`` and a Lightning checkpoint written mid-epoch resumes
+at the next batch (random augmentations draw from torch's global RNG, which is not checkpointed).
+
 Image batches are ``(images, labels)`` with ``images`` float32 ``[B, C, H, W]`` (normalised with
 the dataset's per-channel mean and std) and ``labels`` int64 ``[B]`` in ``[0, num_classes)``.
 torchvision is imported on first use, so the digits module works without it.
@@ -410,7 +414,8 @@ class ImageNetDataModule(LightningDataModule):
     Training transform: ``RandomResizedCrop(image_size)``, ``RandomHorizontalFlip``, ``ToTensor``,
     ``Normalize``; validation: ``Resize(resize_size)``, ``CenterCrop(image_size)``, ``ToTensor``,
     ``Normalize``. The labelled test set is not public, so the validation set doubles as the
-    test set. Any dataset in the same layout works.
+    test set. Any dataset in the same layout works. The training order of epoch ``e`` is
+    ``randperm`` seeded with ``e`` (the same for every run, like ``DistributedSampler``'s default).
 
     A model reads :attr:`num_classes` (the number of class folders in ``root/train``; available
     right after construction once the data is on disk).
