@@ -17,9 +17,8 @@ gives the cosine schedule nothing to decay over: it then trains at constant ``lr
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
