@@ -2,7 +2,10 @@
 
 What it does, in Lightning's own order (see ``docs/lightning.md`` for the why):
 
-* ``setup``: refuses sharded strategies (FSDP, DeepSpeed, ModelParallel).
+* ``setup``: refuses sharded strategies (FSDP, DeepSpeed, ModelParallel) for ``fit`` (evaluation
+  runs no optimizer step, so ``validate``/``test``/``predict`` are fine); on ranks other than zero,
+  silences the optimizer's own warnings until ``teardown`` (every rank would print the same
+  text: statistics are all-reduced and the model is the same everywhere).
 * ``on_fit_start`` (after the strategy created and wrapped everything, before optimizer state is
   restored from a checkpoint): finds every AdaFisher/AdaFisherW in ``trainer.optimizers``,
   attaches the statistics hooks to the unwrapped LightningModule and, when there is more than
@@ -13,11 +16,15 @@ What it does, in Lightning's own order (see ``docs/lightning.md`` for the why):
 * ``on_train_batch_end``: if a step was due but did not happen (``GradScaler`` skipped it on
   inf/NaN), the statistics of that step are discarded.
 * ``teardown``: removes the hooks it installed.
+
+Its diagnostic counters (discarded statistics steps, statistics steps, communication seconds) are
+its ``state_dict``: Lightning saves them in checkpoints and restores them on resume.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -25,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_adafisher.compat import grad_scaler_scale
@@ -58,17 +66,39 @@ class AdaFisherCallback(Callback):
         self._discarded = 0
         self._statistics_steps = 0
         self._comm_seconds = 0.0
+        self._quiet: warnings.catch_warnings | None = None
+
+    # --- checkpointed state -------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "discarded": self._discarded,
+            "statistics_steps": self._statistics_steps,
+            "comm_seconds": self._comm_seconds,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._discarded = int(state_dict.get("discarded", 0))
+        self._statistics_steps = int(state_dict.get("statistics_steps", 0))
+        self._comm_seconds = float(state_dict.get("comm_seconds", 0.0))
 
     # --- set-up and teardown ------------------------------------------------------------------
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
-        if any(s in name for s in _SHARDED):
+        if stage == "fit" and any(s in name for s in _SHARDED):
             raise MisconfigurationException(
                 f"AdaFisherCallback does not support the sharded strategy {name} yet: its "
                 "statistics hooks need whole parameters. Use strategy='ddp' (or a single device)."
             )
+        if rank_zero_only.rank != 0 and self._quiet is None:
+            # The optimizer warns with plain ``warnings.warn`` (it knows nothing of ranks).
+            self._quiet = warnings.catch_warnings()
+            self._quiet.__enter__()
+            warnings.filterwarnings("ignore", message=r"AdaFisher")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -83,7 +113,11 @@ class AdaFisherCallback(Callback):
             )
         for opt in found:
             if opt.collector is None:
-                opt.attach(pl_module)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    opt.attach(pl_module)
+                for w in caught:  # once, from rank zero
+                    rank_zero_warn(str(w.message), category=w.category)
                 self._attached.append(opt)
             if trainer.world_size > 1:
                 opt.statistics_reducer = self._make_reducer(trainer)
@@ -96,6 +130,9 @@ class AdaFisherCallback(Callback):
             opt.detach()
             opt.statistics_reducer = None
         self._attached.clear()
+        if self._quiet is not None:
+            self._quiet.__exit__(None, None, None)
+            self._quiet = None
 
     def _make_reducer(self, trainer: pl.Trainer):
         strategy = trainer.strategy

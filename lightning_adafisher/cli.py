@@ -120,7 +120,18 @@ def main(argv: list[str] | None = None) -> None:
 
         diagnostics_main(args[1:])
         return
-    run_cli(argv)
+    try:
+        run_cli(argv)
+    except FileNotFoundError as err:
+        # Imported here, on the error path only: cli sits below tasks in the layering.
+        from lightning_adafisher.tasks.data_common import DatasetNotFoundError
+
+        if not isinstance(err, DatasetNotFoundError):
+            raise
+        # The message says what is missing and where it goes; a traceback would bury it.
+        print(f"lightning-adafisher: {err}\n  On the command line, the data directory is "
+              "--data.root DIR.", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,17 @@ Put the mixin first in the bases and forward keyword arguments to it::
 The mixin's arguments are plain ``str``/``float``/``int``/``bool``, so LightningCLI lists them
 (``--model.lr 3e-3``) and writes them to YAML. ``configure_optimizers`` returns AdaFisherW with
 a per-step cosine schedule (or none) and ``configure_callbacks`` adds ``AdaFisherCallback``.
+A run without a finite length (``max_time`` alone, or ``max_epochs=-1`` without ``max_steps``)
+gives the cosine schedule nothing to decay over: it then trains at constant ``lr`` and warns.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_adafisher.callbacks import AdaFisherCallback
@@ -39,7 +43,10 @@ class AdaFisherMixin:
         no_decay_bias_and_norm: put biases and normalisation-layer parameters in a second
             param group with ``weight_decay=0``.
         scheduler: ``"cosine"`` (per optimizer step, down to 0 over
-            ``trainer.estimated_stepping_batches``) or ``"none"``.
+            ``trainer.estimated_stepping_batches``) or ``"none"``. When the run has no finite
+            length (``Trainer(max_time=...)`` alone or ``max_epochs=-1``, without ``max_steps``),
+            ``"cosine"`` keeps ``lr`` constant and warns: set ``max_steps`` or ``max_epochs``
+            for the cosine decay.
     """
 
     def __init__(
@@ -94,7 +101,16 @@ class AdaFisherMixin:
         optimizer = AdaFisherW(self.adafisher_param_groups(), **self.adafisher_config)
         if self.scheduler_name == "none":
             return optimizer
-        total = max(int(self.trainer.estimated_stepping_batches), 1)  # type: ignore[attr-defined]
+        estimated = self.trainer.estimated_stepping_batches  # type: ignore[attr-defined]
+        if not math.isfinite(estimated):
+            rank_zero_warn(
+                "AdaFisherMixin: the run has no finite length (max_time only, or max_epochs=-1, "
+                "and no max_steps), so the cosine schedule cannot be sized; training at constant "
+                "lr. Set Trainer(max_steps=...) or max_epochs for the cosine decay, or "
+                "scheduler='none' to silence this."
+            )
+            return optimizer
+        total = max(int(estimated), 1)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -18,6 +18,8 @@ function                  files (``root/...``)
                           with ``layout="tokens"``): `` = Heading = `` lines, `` @-@ `` escapes
 ``write_ptb``             ``ptb/ptb.{train,valid,test}.txt`` (or ``simple-examples/data/…`` with
                           ``layout="simple-examples"``): lower case, ``N`` for numbers, ``<unk>``
+``write_hf_wikitext2``    ``wikitext-2-raw-v1/{train,validation,test}-00000-of-00001.parquet``: the
+                          Hugging Face Hub's files of WikiText-2 (or ``{split}.txt``)
 ========================  =========================================================================
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_cifar", "write_imagefolder", "write_ptb", "write_wikitext2"]
+__all__ = ["write_cifar", "write_hf_wikitext2", "write_imagefolder", "write_ptb", "write_wikitext2"]
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -261,3 +263,28 @@ def write_ptb(
         ]
         (folder / f"ptb.{split}.txt").write_text("".join(lines), encoding="utf-8")
     return root
+
+
+def write_hf_wikitext2(root: str | Path, source: str | Path, fmt: str = "parquet") -> str:
+    """The splits of a ``write_wikitext2`` tree (``source``) as the Hugging Face Hub serves
+    WikiText-2: ``root/wikitext-2-raw-v1/{train,validation,test}-00000-of-00001.parquet``, one
+    row per line with its newline, column ``text`` (``fmt="parquet"``); or ``{split}.txt`` copies
+    of the raw files (``fmt="text"``, for ``load_dataset("text", ...)``).
+
+    Returns:
+        The ``hf_data_files`` pattern (with ``{split}``).
+    """
+    root, source = Path(root), Path(source)
+    folder = root / "wikitext-2-raw-v1"
+    folder.mkdir(parents=True, exist_ok=True)
+    for ours, theirs in (("train", "train"), ("valid", "validation"), ("test", "test")):
+        text = (source / "wikitext-2-raw" / f"wiki.{ours}.raw").read_text(encoding="utf-8")
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            rows = text.splitlines(keepends=True)
+            pq.write_table(pa.table({"text": rows}), folder / f"{theirs}-00000-of-00001.parquet")
+        else:
+            (folder / f"{theirs}.txt").write_text(text, encoding="utf-8")
+    return str(folder / ("{split}-00000-of-00001.parquet" if fmt == "parquet" else "{split}.txt"))

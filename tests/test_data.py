@@ -29,7 +29,9 @@ from lightning_adafisher.tasks.data_vision import (
     ImageNetDataModule,
     apply_cutout,
 )
-from tests.data_fixtures import write_cifar, write_imagefolder, write_ptb, write_wikitext2
+from tests.data_fixtures import (
+    write_cifar, write_hf_wikitext2, write_imagefolder, write_ptb, write_wikitext2,
+)
 
 pytest.importorskip("torchvision")
 pytest.importorskip("tokenizers")
@@ -414,6 +416,46 @@ def test_text_falls_back_to_the_hugging_face_cache_offline(tmp_path, monkeypatch
     assert len(dm.datasets["train"]) > 0
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "text"])
+def test_text_from_local_files_through_hugging_face_datasets(tmp_path, fmt):
+    pytest.importorskip("datasets")
+    source = write_wikitext2(tmp_path / "local")
+    pattern = write_hf_wikitext2(tmp_path / "hub", source, fmt)
+    kw = dict(dataset="wikitext2", context_length=8, bpe_vocab_size=300, batch_size=4)
+    hf = TextDataModule(root=str(tmp_path / "empty"), hf_data_files=pattern,
+                        cache_dir=str(tmp_path / "cache_hf"), **kw)
+    local = TextDataModule(root=str(source), cache_dir=str(tmp_path / "cache_local"), **kw)
+    assert hf.texts() == local.texts()  # the same characters, split by split
+    assert hf.texts()["valid"].startswith(" \n = ")
+    for dm in (hf, local):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert hf.vocab_size == local.vocab_size
+    for split in ("train", "valid"):
+        assert torch.equal(hf.datasets[split].ids, local.datasets[split].ids)
+    for a, b in zip(hf.train_dataloader(), local.train_dataloader()):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert (tmp_path / "cache_hf" / "hf").is_dir()  # datasets' Arrow cache stays in cache_dir
+    assert hf.tokenizer_cache_file.name.startswith("wikitext2-hf-bpe300-")
+
+
+def test_text_hf_data_files_errors(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    pattern = str(tmp_path / "hub" / "{split}-00000-of-00001.parquet")
+    with pytest.raises(DatasetNotFoundError) as err:
+        TextDataModule(dataset="wikitext2", root=str(tmp_path), hf_data_files=pattern).setup("fit")
+    _assert_message(err, "WikiText-2 not found", tmp_path / "hub" / "train-00000-of-00001.parquet",
+                    tmp_path / "hub" / "validation-00000-of-00001.parquet",
+                    "huggingface.co/datasets/Salesforce/wikitext/tree/main/wikitext-2-raw-v1 "
+                    "({train,validation,test}-00000-of-00001.parquet)")
+    with pytest.raises(ValueError, match=r"Invalid hf_data_files: 'x.parquet' \(expected a path with \{split\}"):
+        TextDataModule(dataset="wikitext2", root=str(tmp_path), hf_data_files="x.parquet").texts()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # the fallback without the package
+    with pytest.raises(ImportError, match=r"hf_data_files needs the optional `datasets` package: "
+                                          r"pip install 'lightning-adafisher\[recipes\]'"):
+        TextDataModule(dataset="wikitext2", root=str(tmp_path), hf_data_files=pattern).texts()
+
+
 def _assert_message(err: pytest.ExceptionInfo, *parts: str | Path) -> None:
     message = str(err.value)
     for part in parts:
@@ -482,6 +524,17 @@ def test_text_missing_data_message_when_hf_cache_fails(tmp_path, monkeypatch):
                     tmp_path / "wikitext-2-raw" / "wiki.train.raw")
 
 
+def test_dataset_not_found_error_lives_in_a_neutral_module_and_old_imports_work():
+    from lightning_adafisher import tasks
+    from lightning_adafisher.tasks import data_common, data_vision
+
+    assert data_common.DatasetNotFoundError is data_vision.DatasetNotFoundError
+    assert data_text.DatasetNotFoundError is data_common.DatasetNotFoundError
+    assert tasks.DatasetNotFoundError is data_common.DatasetNotFoundError
+    assert data_common.DatasetNotFoundError.__module__ == "lightning_adafisher.tasks.data_common"
+    assert issubclass(DatasetNotFoundError, FileNotFoundError)
+
+
 def test_bad_tokenizer_path_message(tmp_path, no_hf_datasets):
     root = write_ptb(tmp_path / "data")
     dm = TextDataModule(dataset="ptb", root=str(root), tokenizer_path=str(tmp_path / "gpt1"))
@@ -520,3 +573,57 @@ def test_constructor_arguments_are_plain_and_cli_parsable(cls):
     config = parser.parse_args([])
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
     assert type(instantiate(config)["data"]) is cls
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loader that resumes mid-epoch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resumable_loader_continues_where_its_state_says(num_workers):
+    from torch.utils.data import TensorDataset
+
+    from lightning_adafisher.tasks.data_common import resumable_train_loader
+
+    data = TensorDataset(torch.arange(10))
+    make = lambda: resumable_train_loader(data, 3, num_workers, seed=5)  # noqa: E731
+    straight = make()
+    epochs = []
+    for epoch in range(2):
+        straight.sampler.set_epoch(epoch)  # what Lightning does at every epoch start
+        epochs.append([b[0].tolist() for b in straight])
+    g = torch.Generator().manual_seed(5 + 1)
+    assert sum(epochs[1], []) == torch.randperm(10, generator=g).tolist()  # order = f(seed, epoch)
+    assert epochs[0] != epochs[1] and [len(b) for b in epochs[0]] == [3, 3, 3, 1]
+
+    first = make()
+    first.sampler.set_epoch(1)
+    it = iter(first)
+    taken = [next(it)[0].tolist(), next(it)[0].tolist()]
+    assert first.state_dict() == {"epoch": 1, "batches": 2}
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)  # Lightning: iter() first, then set_epoch(1), then the first batch
+    resumed.sampler.set_epoch(1)
+    assert taken + [b[0].tolist() for b in it] == epochs[1]
+    assert resumed.state_dict() == {"epoch": 1, "batches": 4}
+    # a state saved after the last batch of epoch 0 continues with epoch 1 from its start
+    after_last = make()
+    after_last.load_state_dict({"epoch": 0, "batches": 4})
+    assert [b[0].tolist() for b in after_last] == epochs[1]
+
+
+def test_recipe_train_loaders_are_resumable(cifar10_root, tmp_path, no_hf_datasets):
+    from lightning_adafisher.tasks.data_common import ResumableDataLoader
+
+    cifar = CIFARDataModule(root=str(cifar10_root), batch_size=4, num_workers=0)
+    cifar.setup("fit")
+    digits = DigitsDataModule()
+    digits.setup("fit")
+    text = TextDataModule(dataset="ptb", root=str(write_ptb(tmp_path)), context_length=8, bpe_vocab_size=300)
+    text.setup("fit")
+    for dm in (cifar, digits, text):
+        loader = dm.train_dataloader()
+        assert isinstance(loader, ResumableDataLoader) and loader.sampler.seed == dm.seed
+        assert type(dm.val_dataloader()) is torch.utils.data.DataLoader

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
@@ -91,6 +94,101 @@ def test_sharded_strategies_are_refused():
     trainer = type("T", (), {"strategy": FSDPStrategy()})()
     with pytest.raises(MisconfigurationException, match="does not support the sharded strategy FSDPStrategy"):
         AdaFisherCallback().setup(trainer, None, "fit")
+
+
+class FSDPStrategy(SingleDeviceStrategy):
+    """A CPU strategy under a sharded strategy's class name (the refusal goes by the name)."""
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_sharded_strategy_name_is_refused_only_for_fit(stage):
+    class Evaluated(MLPModule):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+        def test_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("test_loss", F.cross_entropy(self(x), y))
+
+        def predict_step(self, batch, batch_idx):
+            return self(batch[0]).argmax(-1)
+
+    module, loader = Evaluated(), DataLoader(make_data(8), batch_size=4)
+    trainer = _trainer(precision="64-true", strategy=FSDPStrategy(torch.device("cpu")),
+                       callbacks=[AdaFisherCallback()])
+    out = getattr(trainer, stage)(module, loader)
+    if stage == "predict":
+        assert [p.shape for p in out] == [torch.Size([4]), torch.Size([4])]
+    else:
+        key = f"{'val' if stage == 'validate' else 'test'}_loss"
+        expected = F.cross_entropy(module(make_data(8).tensors[0]), make_data(8).tensors[1])
+        assert out[0][key] == pytest.approx(expected.item(), rel=1e-12)
+    with pytest.raises(MisconfigurationException, match=(
+        r"AdaFisherCallback does not support the sharded strategy FSDPStrategy yet: its statistics "
+        r"hooks need whole parameters. Use strategy='ddp' \(or a single device\).")):
+        _trainer(precision="64-true", strategy=FSDPStrategy(torch.device("cpu")),
+                 callbacks=[AdaFisherCallback()]).fit(Evaluated(), loader)
+
+
+class _WithUnsupported(MLPModule):
+    """A raw parameter (identity preconditioner: a warning at attach) and a NaN loss at batch 1, the last
+    (non-finite statistics: a warning at the step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x) * self.scale, y)
+        return loss * float("nan") if batch_idx == 1 else loss
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_optimizer_warnings_print_on_rank_zero_only(rank, monkeypatch):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    trainer = _trainer(precision="64-true", max_epochs=1, callbacks=[AdaFisherCallback()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_WithUnsupported(), DataLoader(make_data(8), batch_size=4))
+    ours = [str(w.message) for w in caught if str(w.message).startswith("AdaFisher")]
+    if rank == 0:
+        assert len(ours) == 2, ours
+        assert ours[0] == ("AdaFisher: 1 parameter(s) have no supported layer and use the identity "
+                           "preconditioner: scale")
+        assert ours[1].startswith("AdaFisher: statistics containing inf/NaN were not folded")
+    else:
+        assert ours == []
+    # the filter that silenced the other ranks is gone after fit
+    with pytest.warns(UserWarning, match="AdaFisher: test"):
+        warnings.warn("AdaFisher: test")
+
+
+def test_callback_counters_survive_resume(tmp_path):
+    scaler = lambda: MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**14))  # noqa: E731
+    loader = lambda: DataLoader(make_data(32, dtype=torch.float32), batch_size=8)  # noqa: E731
+
+    straight = AdaFisherCallback()
+    _trainer(max_epochs=2, plugins=[scaler()], callbacks=[straight]).fit(_AmpModule(overflow_at=1), loader())
+    assert (straight._discarded, straight._statistics_steps) == (2, 8)  # batch 1 of each epoch
+
+    first = AdaFisherCallback()
+    t1 = _trainer(tmp_path, max_epochs=1, plugins=[scaler()], callbacks=[first])
+    t1.fit(_AmpModule(overflow_at=1), loader())
+    first._comm_seconds = 0.25  # (single device: nothing to communicate) to see it restored
+    t1.save_checkpoint(tmp_path / "e1.ckpt")
+    saved = torch.load(tmp_path / "e1.ckpt", weights_only=False)["callbacks"]["AdaFisherCallback"]
+    assert saved == {"discarded": 1, "statistics_steps": 4, "comm_seconds": 0.25}
+
+    resumed = AdaFisherCallback()
+    t2 = _trainer(tmp_path, max_epochs=2, plugins=[scaler()], callbacks=[resumed])
+    t2.fit(_AmpModule(overflow_at=1), loader(), ckpt_path=str(tmp_path / "e1.ckpt"))
+    assert (resumed._discarded, resumed._statistics_steps) == (2, 8)
+    assert resumed._comm_seconds == 0.25
+    assert resumed.state_dict() == {"discarded": 2, "statistics_steps": 8, "comm_seconds": 0.25}
 
 
 def test_adafisher_without_callback_warns():
@@ -276,6 +374,36 @@ def test_mixin_configures_adafisherw_cosine_groups_and_callback():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+class _StopAfter(pl.Callback):
+    """Records the lr after each batch and stops after ``n`` batches."""
+
+    def __init__(self, n: int):
+        self.n, self.lrs = n, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        if len(self.lrs) == self.n:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("length", [dict(max_epochs=-1), dict(max_epochs=None, max_time="00:00:10:00")])
+def test_mixin_without_finite_length_keeps_lr_constant(length):
+    stop = _StopAfter(6)
+    trainer = _trainer(precision="64-true", callbacks=[stop], **length)
+    with pytest.warns(UserWarning, match=r"AdaFisherMixin: the run has no finite length .* training at "
+                                         r"constant lr. Set Trainer\(max_steps=...\) or max_epochs"):
+        trainer.fit(MixinConvModule(lr=0.02), DataLoader(conv_data(16), batch_size=8))
+    assert trainer.global_step == 6  # three epochs of two steps, then stopped
+    assert stop.lrs == [0.02] * 6
+    assert trainer.lr_scheduler_configs == []
+    # with a length, the cosine schedule: lr_t = 0.02 · (1 + cos(π t / 6)) / 2 after step t
+    stop = _StopAfter(6)
+    trainer = _trainer(precision="64-true", callbacks=[stop], max_epochs=-1, max_steps=6)
+    trainer.fit(MixinConvModule(lr=0.02), DataLoader(conv_data(16), batch_size=8))
+    assert stop.lrs == pytest.approx([0.02 * (1 + math.cos(math.pi * t / 6)) / 2 for t in range(1, 7)],
+                                     rel=1e-12, abs=1e-15)
+
+
 def test_mixin_rejects_unknown_scheduler():
     with pytest.raises(ValueError, match="Invalid scheduler: 'step'"):
         MixinConvModule(scheduler="step")
@@ -422,3 +550,130 @@ def test_two_nodes_over_loopback_with_torchrun(tmp_path):
     expected = plain_full_batch().state_dict()
     for rank in (r0, r1):
         _assert_same_params({k.removeprefix("net."): v for k, v in rank.items()}, expected)
+
+
+# --- exact resume mid-epoch (the recipes' data modules) --------------------------------------
+
+
+class _DigitsMLP(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(),
+                                       torch.nn.Linear(16, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return AdaFisherW(self.parameters(), variant="paper", lr=1e-2, update_interval=2)
+
+
+def _assert_equal_nested(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal_nested(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_nested(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def _digits_fit(tmp_path, ckpt_path=None, every=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_adafisher.tasks.data_vision import DigitsDataModule
+
+    callbacks = [AdaFisherCallback()]
+    if every:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1,
+                                         filename="{step}"))
+    module = _DigitsMLP()
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=callbacks, enable_checkpointing=bool(every))
+    # 1438 training images in batches of 128: 12 steps per epoch, the last one of 30
+    trainer.fit(module, DigitsDataModule(batch_size=128, val_fraction=0.0, seed=3), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+@pytest.mark.parametrize("step", [5, 12, 15])  # mid-epoch 1, end of epoch 1, mid-epoch 2
+def test_recipe_data_resumes_mid_epoch_exactly(tmp_path, step):
+    straight, t0 = _digits_fit(tmp_path / "straight", every=step)
+    ckpt = tmp_path / "straight" / f"step={step}.ckpt"
+    assert torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": (step - 1) // 12, "batches": (step - 1) % 12 + 1}
+    ]
+    resumed, t1 = _digits_fit(tmp_path / "resumed", ckpt_path=str(ckpt))
+    assert t1.global_step == t0.global_step == 24
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), (k, (a - b).abs().max().item())
+    _assert_equal_nested(t0.optimizers[0].state_dict(), t1.optimizers[0].state_dict())
+
+
+# --- the histogram callback's loggers: TensorBoard, CSV as the fallback ----------------------
+
+
+def test_histogram_callback_writes_tensorboard_histograms(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_adafisher.diagnostics import FisherHistogramCallback
+    from lightning_adafisher.diagnostics.preconditioner import preconditioner_diagonal
+
+    class Snapshot(pl.Callback):  # the diagonal at each recorded step, read the callback's way
+        def __init__(self):
+            self.values = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in (1, 3):
+                diag = preconditioner_diagonal(trainer.optimizers[0], pl_module.net[2])
+                self.values[trainer.global_step] = diag.detach().float().reshape(-1).double()
+
+    snap = Snapshot()
+    recorder = FisherHistogramCallback(every_n_steps=2, out_dir="", label="af")
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    trainer = _trainer(tmp_path, precision="64-true", max_epochs=1, logger=logger,
+                       callbacks=[AdaFisherCallback(), recorder, snap])
+    trainer.fit(MLPModule(variant="paper"), DataLoader(make_data(32), batch_size=8))  # 4 steps
+    logger.experiment.flush()
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert sorted(events.Tags()["histograms"]) == ["fisher_diagonal/af/net.0", "fisher_diagonal/af/net.2"]
+    written = events.Histograms("fisher_diagonal/af/net.2")
+    assert [h.step for h in written] == [1, 3]  # every_n_steps=2: after steps 1 and 3
+    for h in written:
+        expected = snap.values[h.step]
+        assert h.histogram_value.num == 3 * 16 == expected.numel()
+        assert h.histogram_value.min == pytest.approx(float(expected.min()), rel=1e-6)
+        assert h.histogram_value.max == pytest.approx(float(expected.max()), rel=1e-6)
+        assert h.histogram_value.sum == pytest.approx(float(expected.sum()), rel=1e-6)
+        assert h.histogram_value.sum_squares == pytest.approx(float(expected.square().sum()), rel=1e-6)
+        assert sum(h.histogram_value.bucket) == 48
+    assert not (tmp_path / "tb" / "version_0" / "metrics.csv").exists()
+
+
+def test_histogram_callback_logs_summaries_to_csv_without_histograms(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_adafisher.diagnostics import FisherHistogramCallback
+
+    recorder = FisherHistogramCallback(every_n_steps=2, out_dir="", label="af")
+    trainer = _trainer(tmp_path, precision="64-true", max_epochs=1, logger=CSVLogger(str(tmp_path)),
+                       callbacks=[AdaFisherCallback(), recorder])
+    trainer.fit(MLPModule(variant="paper"), DataLoader(make_data(32), batch_size=8))
+    rows = list(csv.DictReader(next(Path(tmp_path).rglob("metrics.csv")).open()))
+    for layer in ("net.0", "net.2"):
+        logged = [(int(r["step"]), float(r[f"fisher_diagonal/af/{layer}/mean"])) for r in rows
+                  if r.get(f"fisher_diagonal/af/{layer}/mean")]
+        assert logged == [(step, pytest.approx(s["mean"], rel=1e-12)) for step, s in recorder.records[layer]]
+        assert [step for step, _ in logged] == [1, 3]
+        last = next(r for r in rows if r["step"] == "3" and r.get(f"fisher_diagonal/af/{layer}/q50"))
+        assert float(last[f"fisher_diagonal/af/{layer}/q50"]) == pytest.approx(recorder.records[layer][-1][1]["q50"])

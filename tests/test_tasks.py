@@ -4,6 +4,9 @@ on-disk formats, with tiny model sizes where the recipe's model is large."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,40 @@ def test_language_model_recipes_fast_dev_run(tmp_path, dataset, opt):
     # an almost untrained model predicts close to uniformly: perplexity near the vocabulary size
     assert math.isfinite(ppl) and 0.2 * vocab < ppl < 5 * vocab
     _assert_adafisher_folded(trainer, model.net.tokens)  # embeddings get factors (extension)
+
+
+@pytest.mark.parametrize(("recipe", "name", "missing"), [
+    ("cifar10/resnet18_adafisher.yaml", "CIFAR-10", "cifar-10-batches-py/"),
+    ("lm/gpt1_wikitext2_adafisherw.yaml", "WikiText-2", "wikitext-2-raw/wiki.train.raw"),
+])
+def test_cli_missing_dataset_is_one_message_without_traceback(tmp_path, recipe, name, missing):
+    from lightning_adafisher.tasks.data_text import _TEXT
+    from lightning_adafisher.tasks.data_vision import _CIFAR
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    exe = Path(sys.executable).with_name("lightning-adafisher")
+    run = subprocess.run(
+        [str(exe), "fit", "--config", str(ROOT / "recipes" / recipe), "--data.root", str(empty),
+         "--trainer.accelerator", "cpu"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    url = (_CIFAR["cifar10"] if name == "CIFAR-10" else _TEXT["wikitext2"])["url"]
+    message = run.stderr[run.stderr.index("lightning-adafisher: "):]
+    assert message.startswith(f"lightning-adafisher: {name} not found (nothing is downloaded automatically).\n"
+                              f"  Missing: {empty / missing}")
+    assert f"  Download: {url}\n" in message
+    assert "  Put it at: " in message and str(empty) in message.split("Put it at: ")[1]
+    assert message.endswith("  On the command line, the data directory is --data.root DIR.\n")
+
+
+def test_recipes_readme_and_the_error_name_the_same_wikitext2_download():
+    from lightning_adafisher.tasks.data_text import _TEXT
+
+    readme = (ROOT / "recipes" / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| WikiText-2 |"))
+    assert _TEXT["wikitext2"]["url"] in row
+    assert "datasets.load_dataset('wikitext', 'wikitext-2-raw-v1')" in row

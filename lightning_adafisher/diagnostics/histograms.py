@@ -4,8 +4,11 @@ For the first, middle and last supported layer (Linear, Conv2d, norms; or the la
 every ``every_n_steps`` optimizer steps the callback reads the diagonal the optimizer divides
 the weight's update by (AdaFisher's ``F``; Adam's bias-corrected ``exp_avg_sq`` for comparison,
 see :mod:`~lightning_adafisher.diagnostics.preconditioner`), keeps a compact summary of its
-distribution, sends the full values to TensorBoard when a logger offers ``add_histogram``
-(``TensorBoardLogger``; other loggers are skipped), and at the end of ``fit`` writes
+distribution, sends the full values to every logger whose ``experiment`` offers
+``add_histogram`` (``TensorBoardLogger``: a histogram per layer under
+``fisher_diagonal/<label>/<layer>``) and the summary numbers (mean, std, zero fraction,
+quantiles) as scalars ``fisher_diagonal/<label>/<layer>/<stat>`` to every other logger
+(``CSVLogger``: columns of ``metrics.csv``), and at the end of ``fit`` writes
 ``<filename>.png`` and ``<filename>.json`` under ``out_dir``.
 """
 
@@ -121,8 +124,13 @@ class FisherHistogramCallback(Callback):
         opt = _unwrap(trainer.optimizers[self.optimizer_index])
         if self._watched is None:
             self._watched = self._resolve(pl_module, opt)
-        writers = [w for w in (getattr(lg, "experiment", None) for lg in trainer.loggers)
-                   if callable(getattr(w, "add_histogram", None))] if trainer.is_global_zero else []
+        writers, scalar_loggers = [], []
+        for logger in trainer.loggers if trainer.is_global_zero else []:
+            writer = getattr(logger, "experiment", None)
+            if callable(getattr(writer, "add_histogram", None)):
+                writers.append(writer)
+            else:  # CSV and the like: the summary numbers as scalars
+                scalar_loggers.append(logger)
         for name, module in self._watched:
             try:
                 diag = preconditioner_diagonal(opt, module)
@@ -131,9 +139,15 @@ class FisherHistogramCallback(Callback):
             if diag is None:
                 continue
             values = diag.detach().float().reshape(-1).cpu()
-            self.records.setdefault(name, []).append((step, summarise(values)))
+            summary = summarise(values)
+            self.records.setdefault(name, []).append((step, summary))
+            tag = f"fisher_diagonal/{self.run_label}/{name}"
             for writer in writers:
-                writer.add_histogram(f"fisher_diagonal/{self.run_label}/{name}", values, step)
+                writer.add_histogram(tag, values, step)
+            if scalar_loggers:
+                scalars = {f"{tag}/{k}": float(v) for k, v in summary.items() if k not in ("quantiles", "numel")}
+                for logger in scalar_loggers:
+                    logger.log_metrics(scalars, step=step)
 
     def _output_dir(self, trainer: pl.Trainer) -> Path | None:
         if self.out_dir == "":

@@ -18,7 +18,7 @@ _EXPORTS = {
     "CIFARDataModule": "data_vision",
     "ImageNetDataModule": "data_vision",
     "DigitsDataModule": "data_vision",
-    "DatasetNotFoundError": "data_vision",
+    "DatasetNotFoundError": "data_common",
     "TextDataModule": "data_text",
 }
 

@@ -9,6 +9,11 @@ Where the text comes from, in order:
 2. the optional Hugging Face ``datasets`` package, from its local cache only (offline);
 3. otherwise :class:`DatasetNotFoundError`, naming both ways to provide the data.
 
+With ``hf_data_files`` (a path pattern with ``{split}``, e.g. the Hub's parquet files of
+``Salesforce/wikitext``: ``.../wikitext-2-raw-v1/{split}-00000-of-00001.parquet``), the splits are
+read from those local files through ``datasets.load_dataset`` instead (parquet, text, json, csv or
+arrow, told by the extension; ``{split}`` is ``train``, ``validation``, ``test``).
+
 Tokenizer: the one at ``tokenizer_path`` (e.g. GPT-1's ``vocab.json`` + ``merges.txt``), or a
 byte-level BPE trained with ``tokenizers`` on the training split only. Trained tokenizers and
 encoded splits are cached under ``cache_dir`` so later runs (and other ranks) only load them.
@@ -33,7 +38,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_adafisher.tasks.data_vision import DatasetNotFoundError, not_found_error
+from lightning_adafisher.tasks.data_common import (
+    DatasetNotFoundError, not_found_error, resumable_train_loader,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -65,6 +72,8 @@ _TEXT: dict[str, dict[str, Any]] = {
         url="https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
         unpack="`unzip wikitext-2-raw-v1.zip -d {root}`",
         hf=("wikitext", "wikitext-2-raw-v1"),
+        hf_files=("https://huggingface.co/datasets/Salesforce/wikitext/tree/main/wikitext-2-raw-v1 "
+                  "({split}-00000-of-00001.parquet)"),
     ),
     "ptb": dict(
         name="Penn Treebank (Mikolov's PTB)",
@@ -75,6 +84,7 @@ _TEXT: dict[str, dict[str, Any]] = {
         url="http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",
         unpack="`tar -xzf simple-examples.tgz -C {root}`",
         hf=("ptb_text_only", None),
+        hf_files="https://huggingface.co/datasets/ptb_text_only (the parquet file of each split)",
     ),
 }
 
@@ -231,6 +241,17 @@ def _hf_offline(datasets_module: Any) -> Iterator[None]:
             setattr(module, flag, value)
 
 
+def _rows_to_texts(loaded: Any) -> dict[str, str]:
+    texts = {}
+    for split in SPLITS:
+        rows = loaded[_HF_SPLITS[split]]
+        column = "text" if "text" in rows.column_names else "sentence"
+        # WikiText rows keep their newline, PTB sentences and the text builder's lines do not:
+        # end every row with one.
+        texts[split] = "".join(r if r.endswith("\n") else r + "\n" for r in rows[column])
+    return texts
+
+
 def _texts_from_hf_cache(path: str, config: str | None) -> tuple[dict[str, str] | None, str]:
     """Returns ``(texts, "")`` from the local Hugging Face cache, or ``(None, why not)``."""
     try:
@@ -240,16 +261,47 @@ def _texts_from_hf_cache(path: str, config: str | None) -> tuple[dict[str, str] 
     try:
         with _hf_offline(datasets):
             loaded = datasets.load_dataset(path, config)
-        texts = {}
-        for split in SPLITS:
-            rows = loaded[_HF_SPLITS[split]]
-            column = "text" if "text" in rows.column_names else "sentence"
-            # WikiText rows keep their newline, PTB sentences do not: end every row with one.
-            texts[split] = "".join(r if r.endswith("\n") else r + "\n" for r in rows[column])
-        return texts, ""
+        return _rows_to_texts(loaded), ""
     except Exception as err:  # noqa: BLE001 - any failure means "not in the cache"; we report it
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         return None, f"`datasets` could not load it offline ({type(err).__name__}: {first_line})"
+
+
+_HF_BUILDERS = {".parquet": "parquet", ".txt": "text", ".raw": "text", ".tokens": "text",
+                ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+def _texts_from_hf_files(pattern: str, name: str, download: str, cache_dir: Path) -> dict[str, str]:
+    """Each split's text from the local files ``pattern.format(split=...)`` through
+    ``datasets.load_dataset(<builder>, data_files=...)`` (offline; its Arrow cache under
+    ``cache_dir``)."""
+    if "{split}" not in pattern:
+        raise ValueError(f"Invalid hf_data_files: {pattern!r} (expected a path with {{split}} in it)")
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            "hf_data_files needs the optional `datasets` package: pip install 'lightning-adafisher[recipes]'"
+        ) from err
+    files = {_HF_SPLITS[split]: Path(pattern.format(split=_HF_SPLITS[split])) for split in SPLITS}
+    missing = [f.absolute() for f in files.values() if not f.is_file()]
+    if missing:
+        raise not_found_error(
+            name, missing, download=download.format(split="{train,validation,test}"),
+            put=f"the three files at hf_data_files={pattern!r} ({{split}}: train, validation, test)",
+        )
+    suffix = files["train"].suffix
+    if suffix not in _HF_BUILDERS:
+        raise ValueError(
+            f"Invalid hf_data_files: {pattern!r} (unknown extension {suffix!r}; "
+            f"valid: {', '.join(_HF_BUILDERS)})"
+        )
+    with _hf_offline(datasets):
+        loaded = datasets.load_dataset(
+            _HF_BUILDERS[suffix], data_files={k: str(v) for k, v in files.items()},
+            cache_dir=str(cache_dir / "hf"),
+        )
+    return _rows_to_texts(loaded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +341,10 @@ class TextDataModule(LightningDataModule):
 
     See the module docstring for where the text is looked for. Batches are two int64
     ``[B, context_length]`` tensors; ``targets`` is ``inputs`` shifted left by one token. The
-    training loader shuffles windows (seeded); validation and test keep stream order.
+    training loader shuffles windows (epoch ``e``'s order a function of ``(seed, e)``) and resumes
+    mid-epoch exactly from a Lightning checkpoint (a
+    :class:`~lightning_adafisher.tasks.data_common.ResumableDataLoader`); validation and test
+    keep stream order.
 
     A model reads :attr:`vocab_size` for its embedding and output sizes: the real size of the
     tokenizer (every id is below it), which can be smaller than the requested ``bpe_vocab_size``
@@ -316,6 +371,10 @@ class TextDataModule(LightningDataModule):
         cache_dir: where tokenizers and encoded splits are cached (default ``root/.cache``).
         num_workers: DataLoader worker processes (0 is enough: items are tensor slices).
         seed: seeds the training shuffle order.
+        hf_data_files: read the splits with Hugging Face ``datasets`` from these local files
+            instead: a path with ``{split}`` (``train``, ``validation``, ``test``), e.g. the Hub's
+            ``.../wikitext-2-raw-v1/{split}-00000-of-00001.parquet``; parquet, text, json, csv
+            or arrow by extension. ``root`` is then not read.
     """
 
     def __init__(
@@ -329,6 +388,7 @@ class TextDataModule(LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        hf_data_files: str | None = None,
     ) -> None:
         super().__init__()
         key = dataset.lower().replace("-", "").replace("_", "")
@@ -348,6 +408,7 @@ class TextDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".cache"
         self.num_workers = num_workers
         self.seed = seed
+        self.hf_data_files = hf_data_files
         self._info = _TEXT[key]
         self._texts: dict[str, str] | None = None
         self._layout = ""
@@ -369,10 +430,15 @@ class TextDataModule(LightningDataModule):
 
         Raises:
             DatasetNotFoundError: neither the local files nor the offline Hugging Face cache
-                have it; the message names the URL, the expected paths and the ``datasets``
-                alternative.
+                have it (or a file of ``hf_data_files`` is missing); the message names the URL,
+                the expected paths and the ``datasets`` alternative.
         """
         if self._texts is not None:
+            return self._texts
+        if self.hf_data_files is not None:
+            self._texts = _texts_from_hf_files(self.hf_data_files, str(self._info["name"]),
+                                               str(self._info["hf_files"]), self.cache_dir)
+            self._layout = "hf"
             return self._texts
         local = self._local_texts()
         if local is not None:
@@ -396,7 +462,9 @@ class TextDataModule(LightningDataModule):
                  f"{root / first_folder / first_pattern.format(split='{train,valid,test}')} exist "
                  f"(or set root=)"),
             alternative=(f"with the optional `datasets` package, run {hf_call} once on a machine with "
-                         f"internet so it is in the local Hugging Face cache ({why_not})"),
+                         f"internet so it is in the local Hugging Face cache ({why_not}); or download "
+                         f"{self._info['hf_files'].format(split='{split}')} and pass hf_data_files= "
+                         "their path with {split} for train/validation/test"),
         )
 
     # -- tokenizer ---------------------------------------------------------------------------
@@ -481,12 +549,14 @@ class TextDataModule(LightningDataModule):
     def _dataloader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"TextDataModule: call setup() before asking for the {split} loader")
+        if shuffle:  # training: resumes mid-epoch exactly (see data_common.ResumableDataLoader)
+            return resumable_train_loader(self.datasets[split], self.batch_size, self.num_workers,
+                                          self.seed, self.trainer, pin_memory=torch.cuda.is_available())
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )

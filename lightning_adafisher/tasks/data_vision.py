@@ -6,6 +6,10 @@ Nothing here downloads. Each module checks its files in ``prepare_data`` and aga
 from where, and the exact path it is expected at — before torchvision is called, so a missing
 dataset is one readable message instead of a deep stack trace.
 
+Training loaders are :class:`~lightning_adafisher.tasks.data_common.ResumableDataLoader`\ s: epoch
+``e``'s order is a function of ``(seed, e)`` and a Lightning checkpoint written mid-epoch resumes
+at the next batch (random augmentations draw from torch's global RNG, which is not checkpointed).
+
 Image batches are ``(images, labels)`` with ``images`` float32 ``[B, C, H, W]`` (normalised with
 the dataset's per-channel mean and std) and ``labels`` int64 ``[B]`` in ``[0, num_classes)``.
 torchvision is imported on first use, so the digits module works without it.
@@ -23,46 +27,18 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typing_extensions import override
 
+from lightning_adafisher.tasks.data_common import (
+    DatasetNotFoundError, not_found_error, resumable_train_loader,
+)
+
 __all__ = [
     "CIFARDataModule",
     "Cutout",
-    "DatasetNotFoundError",
+    "DatasetNotFoundError",  # re-exported from data_common (its old home)
     "DigitsDataModule",
     "ImageNetDataModule",
     "apply_cutout",
 ]
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset (or tokenizer) is not on disk.
-
-    The message names what is missing, where to download it and exactly where to put it. It is
-    a ``FileNotFoundError``, so code that already handles missing files keeps working.
-    """
-
-
-def not_found_error(
-    name: str, missing: Sequence[str | Path], download: str, put: str, alternative: str | None = None
-) -> DatasetNotFoundError:
-    """Builds the one message format every DataModule here uses for missing data.
-
-    Args:
-        name: human name of the dataset, e.g. ``"CIFAR-10"``.
-        missing: what was looked for and not found, as absolute paths (a relative ``root``
-            says little in a log from another working directory).
-        download: where to get it (the official URL, with the file to fetch).
-        put: where the files must end up, as a command or a path.
-        alternative: a second way to provide it (e.g. the Hugging Face cache), if any.
-
-    Returns:
-        The error, for the caller to ``raise`` (so the traceback points at the caller).
-    """
-    lines = [f"{name} not found (nothing is downloaded automatically)."]
-    lines += [f"  Missing: {p}" for p in missing]
-    lines += [f"  Download: {download}", f"  Put it at: {put}"]
-    if alternative:
-        lines.append(f"  Or: {alternative}")
-    return DatasetNotFoundError("\n".join(lines))
 
 
 def _require_torchvision(what: str) -> None:
@@ -73,17 +49,19 @@ def _require_torchvision(what: str) -> None:
 
 
 def _loader(
-    dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int | None
+    dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int | None,
+    trainer: Any = None,
 ) -> DataLoader:
-    # A dedicated generator makes the shuffle order depend on ``seed`` only, not on how much of
-    # the global RNG other code consumed; ``None`` keeps torch's default (global RNG).
-    generator = torch.Generator().manual_seed(seed) if (shuffle and seed is not None) else None
+    if shuffle:
+        # The training loader: epoch e's order is a function of (seed, e) alone, and Lightning
+        # checkpoints where in the epoch it stands, so fit(ckpt_path=...) continues exactly.
+        return resumable_train_loader(dataset, batch_size, num_workers, seed if seed is not None else 0,
+                                      trainer, pin_memory=torch.cuda.is_available())
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=False,
         num_workers=num_workers,
-        generator=generator,
         pin_memory=torch.cuda.is_available(),
         # Re-forking workers every epoch costs seconds on ImageNet-sized folders.
         persistent_workers=num_workers > 0,
@@ -256,7 +234,8 @@ class _SplitDataModule(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed)
+        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed,
+                       trainer=self.trainer)
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -435,7 +414,8 @@ class ImageNetDataModule(LightningDataModule):
     Training transform: ``RandomResizedCrop(image_size)``, ``RandomHorizontalFlip``, ``ToTensor``,
     ``Normalize``; validation: ``Resize(resize_size)``, ``CenterCrop(image_size)``, ``ToTensor``,
     ``Normalize``. The labelled test set is not public, so the validation set doubles as the
-    test set. Any dataset in the same layout works.
+    test set. Any dataset in the same layout works. The training order of epoch ``e`` is
+    ``randperm`` seeded with ``e`` (the same for every run, like ``DistributedSampler``'s default).
 
     A model reads :attr:`num_classes` (the number of class folders in ``root/train``; available
     right after construction once the data is on disk).
@@ -545,7 +525,8 @@ class ImageNetDataModule(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=None)
+        return _loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=0,
+                       trainer=self.trainer)
 
     @override
     def val_dataloader(self) -> DataLoader:
