@@ -1,0 +1,104 @@
+"""FSDP2 (``fully_shard``): two gloo ranks equal one process with the whole batch.
+
+The multi-process tests start ``torchrun`` (``tests/scripts/fsdp_train.py``) or Lightning's
+launcher (``tests/scripts/fsdp_lightning.py``) on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_adafisher import AdaFisherW
+from lightning_adafisher import functional as fn
+from lightning_adafisher.fsdp import EIGEN_MESSAGE, _local_denominator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+
+from fsdp_train import HP, make_model, state_bytes, train  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out: Path, *args: str) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [str(torchrun), "--nproc-per-node=2", f"--master-port={_free_port()}",
+         str(ROOT / "tests/scripts/fsdp_train.py"), str(out), *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def _single_process(steps: int, update_interval: int, accumulate: int, width: int = 5):
+    model = make_model(width)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(model, variant="paper", update_interval=update_interval, **HP)
+        train(model, opt, steps, accumulate)
+    return model, opt
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("update_interval,accumulate", [(1, 1), (2, 2)])
+def test_fsdp2_two_ranks_equal_one_process_full_batch(tmp_path, update_interval, accumulate):
+    _torchrun(tmp_path, "--steps", "4", "--update-interval", str(update_interval),
+              "--accumulate", str(accumulate))
+    sharded = torch.load(tmp_path / "params.pt")
+    model, _ = _single_process(4, update_interval, accumulate)
+    start = make_model().state_dict()
+    for name, expected in model.state_dict().items():
+        assert not torch.equal(expected, start[name])  # trained
+        assert (sharded[name] - expected).abs().max().item() < 1e-10, name
+
+
+@pytest.mark.distributed
+def test_fsdp2_state_bytes_per_rank_about_half(tmp_path):
+    _torchrun(tmp_path, "--steps", "1", "--width", "256")
+    per_rank = [json.loads((tmp_path / f"bytes{r}.json").read_text())["state_bytes"] for r in (0, 1)]
+    _, opt = _single_process(1, 1, 1, width=256)  # what every DDP rank holds
+    whole = state_bytes(opt)
+    assert max(per_rank) < 0.52 * whole, (per_rank, whole)
+
+
+@pytest.mark.distributed
+def test_fsdp2_refuses_eigen_variant(tmp_path):
+    _torchrun(tmp_path, "--variant", "eigen")
+    assert (tmp_path / "error.txt").read_text() == EIGEN_MESSAGE
+
+
+@pytest.mark.parametrize("shape,rows_cols", [
+    ((5, 4), (5, 4)),        # Linear weight: S'[o], H'[:in]
+    ((5,), (5, 1)),          # Linear bias
+    ((5, 2, 3, 3), (5, 18)), # Conv2d weight
+    ((7,), (1, 7)),          # norm weight: one H' entry, S' along the weight
+    ((7, 3), (1, 3)),        # one row factor broadcast over every row
+])
+@pytest.mark.parametrize("start,stop", [(0, 3), (3, 5), (5, 5)])
+def test_local_denominator_is_the_rows_of_the_whole_one(shape, rows_cols, start, stop):
+    g = torch.Generator().manual_seed(0)
+    rows = torch.rand(rows_cols[0], generator=g, dtype=torch.float64)
+    cols = torch.rand(rows_cols[1], generator=g, dtype=torch.float64)
+    stop = min(stop, shape[0])
+    start = min(start, stop)
+    denom = fn.KronFactors(rows, cols, 0.1)
+    whole = denom.materialise(shape)
+    local = torch.empty((stop - start, *shape[1:]), dtype=torch.float64)
+    got = _local_denominator(denom, torch.empty(shape, device="meta"), start, stop, local)
+    if isinstance(got, fn.KronFactors):
+        got = got.materialise(local.shape)
+    torch.testing.assert_close(got, whole[start:stop], rtol=0, atol=0)
