@@ -2,7 +2,8 @@
 
 What it does, in Lightning's own order (see ``docs/lightning.md`` for the why):
 
-* ``setup``: refuses sharded strategies (FSDP, DeepSpeed, ModelParallel).
+* ``setup``: refuses FSDP1 (``FSDPStrategy``) and DeepSpeed; FSDP2 runs through
+  ``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model`` (:mod:`.fsdp`).
 * ``on_fit_start`` (after the strategy created and wrapped everything, before optimizer state is
   restored from a checkpoint): finds every AdaFisher/AdaFisherW in ``trainer.optimizers``,
   attaches the statistics hooks to the unwrapped LightningModule and, when there is more than
@@ -27,13 +28,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_adafisher import fsdp
 from lightning_adafisher.distributed import make_reducer
 from lightning_adafisher.optim import GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, AdaFisher
 from lightning_adafisher.statistics import BoundLayer, PendingStats
 
 __all__ = ["AdaFisherCallback"]
 
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy")
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -57,6 +59,9 @@ class AdaFisherCallback(Callback):
         self._discarded = 0
         self._statistics_steps = 0
         self._comm_seconds = 0.0
+        self._sharded: list[tuple[int, AdaFisher, Any]] = []
+        """FSDP2: (index in trainer.optimizers, optimizer, state-dict hook handle)."""
+        self._module: pl.LightningModule | None = None
 
     # --- set-up and teardown ------------------------------------------------------------------
 
@@ -65,8 +70,10 @@ class AdaFisherCallback(Callback):
         name = type(trainer.strategy).__name__
         if any(s in name for s in _SHARDED):
             raise MisconfigurationException(
-                f"AdaFisherCallback does not support the sharded strategy {name} yet: its "
-                "statistics hooks need whole parameters. Use strategy='ddp' (or a single device)."
+                f"AdaFisherCallback does not support the sharded strategy {name}: its "
+                "statistics hooks need whole parameters. Use strategy='ddp', or shard with FSDP2: "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) and "
+                "torch.distributed.fsdp.fully_shard in configure_model."
             )
 
     @override
@@ -80,6 +87,13 @@ class AdaFisherCallback(Callback):
                 f"(found: {names}). Return lightning_adafisher.AdaFisherW from "
                 "configure_optimizers, or remove the callback."
             )
+        self._module = pl_module
+        for _, _, handle in self._sharded:
+            handle.remove()
+        self._sharded.clear()
+        for i, opt in enumerate(optimizers):
+            if isinstance(opt, AdaFisher) and fsdp.prepare_sharded(opt):
+                self._sharded.append((i, opt, fsdp.exclude_replicated_state(opt)))
         for opt in found:
             if opt.collector is None:
                 opt.attach(pl_module)
@@ -95,6 +109,24 @@ class AdaFisherCallback(Callback):
             opt.detach()
             opt.statistics_reducer = None
         self._attached.clear()
+        # self._sharded stays until the next fit: trainer.save_checkpoint() after fit needs it.
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # FSDP2: the factors and counters every rank holds whole (the distributed checkpoint
+        # saves the sharded moments with the optimizer).
+        if not self._sharded or self._module is None:
+            return {}
+        return {"fsdp": {i: fsdp.replicated_state(opt, self._module) for i, opt, _ in self._sharded}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Called after the strategy loaded the optimizer state (ModelParallelStrategy restores
+        # after on_fit_start, so the optimizers are known by now).
+        saved = state_dict.get("fsdp", {})
+        for i, opt, _ in self._sharded:
+            if i in saved and self._module is not None:
+                fsdp.load_replicated_state(opt, self._module, saved[i])
 
     def _make_reducer(self, trainer: pl.Trainer):
         strategy = trainer.strategy

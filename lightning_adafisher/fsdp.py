@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adafisher import functional as fn
-from lightning_adafisher.state_keys import FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL
+from lightning_adafisher.state_keys import EXP_AVG, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, STEP
 
 try:  # DTensor is public from torch 2.5 on; FSDP2 needs it
     from torch.distributed.tensor import DTensor, Shard
@@ -49,6 +49,7 @@ __all__ = [
     "exclude_replicated_state",
     "is_sharded",
     "load_replicated_state",
+    "prepare_sharded",
     "local_update_lists",
     "replicated_state",
     "row_range",
@@ -239,3 +240,18 @@ def exclude_replicated_state(optimizer: Any) -> Any:
         return state_dict
 
     return optimizer.register_state_dict_post_hook(drop)
+
+
+def prepare_sharded(optimizer: Any) -> bool:
+    """Create every sharded parameter's ``step`` and ``exp_avg`` now (as the first step would),
+    so that the optimizer state dict a distributed checkpoint loads *into* already holds them
+    (``torch.distributed.checkpoint`` restores only the entries the target has; an empty state
+    would make it take a zero-learning-rate step first). Returns whether any is sharded."""
+    sharded = [p for group in optimizer.param_groups for p in group["params"] if is_sharded(p)]
+    for p in sharded:
+        if p.requires_grad:
+            state = optimizer.state[p]
+            if STEP not in state:
+                state[STEP] = 0
+                state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return bool(sharded)
