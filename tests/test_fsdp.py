@@ -102,3 +102,66 @@ def test_local_denominator_is_the_rows_of_the_whole_one(shape, rows_cols, start,
     if isinstance(got, fn.KronFactors):
         got = got.materialise(local.shape)
     torch.testing.assert_close(got, whole[start:stop], rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+def test_fsdp2_refuses_a_2d_mesh(tmp_path):
+    _torchrun(tmp_path, "--mesh-2d")
+    message = (tmp_path / "error.txt").read_text()
+    assert "1-D data-parallel mesh only; got placements (Replicate(), Shard(dim=0)) on a 2-D mesh" in message
+    assert "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)" in message
+
+
+# --- Lightning: ModelParallelStrategy + fully_shard ------------------------------------------
+
+
+def _lightning(out: Path, *args: str) -> None:
+    env = dict(os.environ, MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests/scripts/fsdp_lightning.py"), str(out), *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def _assert_equal_to_plain(out: Path, **plain) -> None:
+    from tests.test_lightning import plain_full_batch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = plain_full_batch(**plain).state_dict()
+    got = torch.load(out / "params.pt")
+    assert {k.removeprefix("net.") for k in got} == expected.keys()
+    for name, value in got.items():
+        assert (value - expected[name.removeprefix("net.")]).abs().max().item() < 1e-10, name
+
+
+@pytest.mark.distributed
+def test_model_parallel_strategy_two_ranks_equal_full_batch_with_accumulation(tmp_path):
+    # 2 ranks × 4 samples × 2 micro-batches: each step sees the plain run's batch of 16.
+    _lightning(tmp_path, "--update-interval", "2", "--accumulate", "2")
+    _assert_equal_to_plain(tmp_path, batch=16, interval=2)
+
+
+@pytest.mark.distributed
+def test_model_parallel_distributed_checkpoint_resumes_exactly(tmp_path):
+    # Saved after step 4 with update_interval 3: step 5 reuses the factors of step 4, so a
+    # resume that lost the factors, the moments or the step counter would differ.
+    _lightning(tmp_path / "first", "--max-steps", "4", "--update-interval", "3",
+               "--save", str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt").is_dir()  # a distributed checkpoint, one shard file per rank
+    _lightning(tmp_path / "resumed", "--update-interval", "3", "--ckpt", str(tmp_path / "ckpt"))
+    _assert_equal_to_plain(tmp_path / "resumed", interval=3)
+
+
+def test_setup_refuses_fsdp1_and_deepspeed_naming_fsdp2_and_allows_model_parallel():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_adafisher import AdaFisherCallback
+
+    for name in ("FSDPStrategy", "DeepSpeedStrategy"):
+        trainer = type("T", (), {"strategy": type(name, (), {})()})()
+        with pytest.raises(MisconfigurationException, match=f"sharded strategy {name}.*ModelParallelStrategy"):
+            AdaFisherCallback().setup(trainer, None, "fit")
+    trainer = type("T", (), {"strategy": type("ModelParallelStrategy", (), {})()})()
+    AdaFisherCallback().setup(trainer, None, "fit")

@@ -3,7 +3,7 @@
 ``torchrun --nproc-per-node=2 fsdp_train.py OUT [--update-interval K] [--accumulate A]``: each
 optimizer step, rank r of W takes its contiguous 1/W of every micro-batch of :func:`batches`;
 rank 0 writes the whole parameters (``params.pt``) and every rank its optimizer state bytes
-(``bytes{rank}.json``). ``--variant eigen`` must fail with the refusal message.
+(``bytes{rank}.json``). ``--variant eigen`` and ``--mesh-2d`` must fail: rank 0 writes the message to ``error.txt``.
 """
 
 import argparse
@@ -18,6 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from lightning_adafisher import AdaFisherW  # noqa: E402
@@ -75,16 +76,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--width", type=int, default=5)
     parser.add_argument("--variant", default="paper")
+    parser.add_argument("--mesh-2d", action="store_true", help="HSDP on a 1 x 2 mesh (refused)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model(args.width)
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")) if args.mesh_2d else None
     for layer in model:
         if any(True for _ in layer.parameters()):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     try:
         opt = AdaFisherW(model, update_interval=args.update_interval, variant=args.variant, **HP)
     except ValueError as err:
