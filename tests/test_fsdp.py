@@ -165,3 +165,42 @@ def test_setup_refuses_fsdp1_and_deepspeed_naming_fsdp2_and_allows_model_paralle
             AdaFisherCallback().setup(trainer, None, "fit")
     trainer = type("T", (), {"strategy": type("ModelParallelStrategy", (), {})()})()
     AdaFisherCallback().setup(trainer, None, "fit")
+
+
+_CLI_CONFIG = """
+trainer:
+  accelerator: cpu
+  devices: 2
+  strategy:
+    class_path: lightning.pytorch.strategies.ModelParallelStrategy
+    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}
+  precision: 32-true
+  max_epochs: 1
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+model:
+  class_path: tests.scripts.fsdp_lightning.ShardedNoOptModule
+data:
+  class_path: tests.lightning_helpers.TinyData
+optimizer:
+  class_path: lightning_adafisher.AdaFisherW
+  init_args: {lr: 0.01, variant: paper}
+"""
+
+
+@pytest.mark.distributed
+def test_cli_builds_the_yaml_optimizer_after_configure_model_shards(tmp_path):
+    # pytorch-lightning#19110: built at CLI start, the optimizer would hold the parameters
+    # fully_shard replaced, and silently train nothing.
+    (tmp_path / "fsdp.yaml").write_text(_CLI_CONFIG)
+    env = dict(os.environ, MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests/scripts/fsdp_cli.py"), str(tmp_path / "fsdp.yaml"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result == {"optimizer": "AdaFisherW", "holds_model_parameters": True, "sharded": True,
+                      "steps": 2, "factors": 2}

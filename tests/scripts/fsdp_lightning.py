@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from lightning_adafisher import AdaFisherCallback  # noqa: E402
-from tests.lightning_helpers import MLPModule  # noqa: E402
+from tests.lightning_helpers import MLPModule, NoOptModule  # noqa: E402
 from tests.scripts.ddp_train import RankData  # noqa: E402
 
 
@@ -31,6 +31,18 @@ class ShardedMLP(MLPModule):
 
     def configure_model(self):
         mesh = self.device_mesh if self.mesh_2d else self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+class ShardedNoOptModule(NoOptModule):
+    """For LightningCLI with ModelParallelStrategy: the optimizer comes from the YAML, and
+    ``configure_model`` shards the net (so the CLI must build the optimizer after it)."""
+
+    def configure_model(self):
+        mesh = self.device_mesh["data_parallel"]
         for layer in self.net:
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh)
