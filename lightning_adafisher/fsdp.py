@@ -17,7 +17,8 @@ semantics; the last ranks may hold fewer rows, or none). Nothing else about AdaF
 The factors and the optimizer-wide counters are the same on every rank: they are saved once,
 by name, with :func:`replicated_state` (``AdaFisherCallback`` puts them in its own checkpoint
 state) and restored with :func:`load_replicated_state`; :func:`exclude_replicated_state` keeps the
-counters out of ``optimizer.state_dict()``, which ``torch.distributed.checkpoint`` could not key.
+counters out of ``optimizer.state_dict()``, which ``torch.distributed.checkpoint`` could not key,
+and :func:`prepare_sharded` creates the sharded moments a checkpoint is loaded into.
 
 Refused with a ``ValueError``: ``variant="eigen"`` (its rotation ``Q_Gᵀ ∇W Q_A`` mixes the rows
 FSDP2 shards; see :data:`EIGEN_MESSAGE`), and any mesh or placement other than ``Shard(0)`` on a

@@ -44,22 +44,24 @@ def _torchrun(out: Path, *args: str) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def _single_process(steps: int, update_interval: int, accumulate: int, width: int = 5):
+def _single_process(steps: int, update_interval: int, accumulate: int, width: int = 5, variant: str = "paper"):
     model = make_model(width)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = AdaFisherW(model, variant="paper", update_interval=update_interval, **HP)
+        opt = AdaFisherW(model, variant=variant, update_interval=update_interval, **HP)
         train(model, opt, steps, accumulate)
     return model, opt
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("update_interval,accumulate", [(1, 1), (2, 2)])
-def test_fsdp2_two_ranks_equal_one_process_full_batch(tmp_path, update_interval, accumulate):
+@pytest.mark.parametrize("variant,update_interval,accumulate", [
+    ("paper", 1, 1), ("paper", 2, 2), ("reference", 1, 2),
+])
+def test_fsdp2_two_ranks_equal_one_process_full_batch(tmp_path, variant, update_interval, accumulate):
     _torchrun(tmp_path, "--steps", "4", "--update-interval", str(update_interval),
-              "--accumulate", str(accumulate))
+              "--accumulate", str(accumulate), "--variant", variant)
     sharded = torch.load(tmp_path / "params.pt")
-    model, _ = _single_process(4, update_interval, accumulate)
+    model, _ = _single_process(4, update_interval, accumulate, variant=variant)
     start = make_model().state_dict()
     for name, expected in model.state_dict().items():
         assert not torch.equal(expected, start[name])  # trained
