@@ -54,12 +54,12 @@ def _single_process(steps: int, update_interval: int, accumulate: int, width: in
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("variant,update_interval,accumulate", [
-    ("paper", 1, 1), ("paper", 2, 2), ("reference", 1, 2),
+@pytest.mark.parametrize("variant,update_interval,accumulate,foreach", [
+    ("paper", 1, 1, False), ("paper", 2, 2, False), ("reference", 1, 2, True),
 ])
-def test_fsdp2_two_ranks_equal_one_process_full_batch(tmp_path, variant, update_interval, accumulate):
+def test_fsdp2_two_ranks_equal_one_process_full_batch(tmp_path, variant, update_interval, accumulate, foreach):
     _torchrun(tmp_path, "--steps", "4", "--update-interval", str(update_interval),
-              "--accumulate", str(accumulate), "--variant", variant)
+              "--accumulate", str(accumulate), "--variant", variant, *(["--foreach"] if foreach else []))
     sharded = torch.load(tmp_path / "params.pt")
     model, _ = _single_process(4, update_interval, accumulate, variant=variant)
     start = make_model().state_dict()

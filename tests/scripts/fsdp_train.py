@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--width", type=int, default=5)
     parser.add_argument("--variant", default="paper")
+    parser.add_argument("--foreach", action="store_true", help="the multi-tensor update (CUDA's default)")
     parser.add_argument("--mesh-2d", action="store_true", help="HSDP on a 1 x 2 mesh (refused)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -89,7 +90,10 @@ def main() -> None:
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     try:
-        opt = AdaFisherW(model, update_interval=args.update_interval, variant=args.variant, **HP)
+        opt = AdaFisherW(
+            model, update_interval=args.update_interval, variant=args.variant,
+            foreach=args.foreach or None, **HP,
+        )
     except ValueError as err:
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
