@@ -94,6 +94,12 @@ class AdaFisherCallback(Callback):
         for i, opt in enumerate(optimizers):
             if isinstance(opt, AdaFisher) and fsdp.prepare_sharded(opt):
                 self._sharded.append((i, opt, fsdp.exclude_replicated_state(opt)))
+        if "ModelParallelStrategy" in type(trainer.strategy).__name__ and trainer.world_size > 1 and not self._sharded:
+            raise MisconfigurationException(
+                "AdaFisherCallback with ModelParallelStrategy needs the model sharded by FSDP2: "
+                "apply torch.distributed.fsdp.fully_shard in configure_model (without it no rank "
+                "averages gradients, and AdaFisher's parameters are not DTensors)."
+            )
         for opt in found:
             if opt.collector is None:
                 opt.attach(pl_module)

@@ -206,3 +206,18 @@ def test_cli_builds_the_yaml_optimizer_after_configure_model_shards(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result == {"optimizer": "AdaFisherW", "holds_model_parameters": True, "sharded": True,
                       "steps": 2, "factors": 2}
+
+
+def test_model_parallel_strategy_without_fully_shard_is_refused():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_adafisher import AdaFisherCallback
+
+    model = make_model()
+    opt = AdaFisherW(model.parameters(), variant="paper")
+    trainer = type("T", (), {
+        "strategy": type("ModelParallelStrategy", (), {})(), "optimizers": [opt], "world_size": 2,
+    })()
+    with pytest.raises(MisconfigurationException, match="needs the model sharded by FSDP2: apply torch.distributed.fsdp.fully_shard"):
+        AdaFisherCallback().on_fit_start(trainer, model)
+    assert opt.collector is None  # refused before attaching
