@@ -58,7 +58,7 @@ class AdaFisherCLI(LightningCLI):
             # ... but a model that configure_model shards (fully_shard replaces the parameters)
             # must be built first too: pytorch-lightning#19110. Build the optimizer when the
             # Trainer asks for it, after configure_model.
-            cli, parent = self, super()._add_configure_optimizers_method_to_model
+            parent = super()._add_configure_optimizers_method_to_model
 
             def configure_optimizers(model: Any) -> Any:
                 with warnings.catch_warnings():

@@ -23,7 +23,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cli = run_cli(["fit", "--config", config, "--test_after_fit", "false"])
+    cli = run_cli([
+        "fit", "--config", config, "--test_after_fit", "false", "--trainer.default_root_dir", out,
+    ])
     model, opt = cli.model, cli.trainer.optimizers[0]
     trained = [p for group in opt.param_groups for p in group["params"]]
     own = list(model.parameters())
