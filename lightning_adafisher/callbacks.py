@@ -2,10 +2,9 @@
 
 What it does, in Lightning's own order (see ``docs/lightning.md`` for the why):
 
-* ``setup``: refuses sharded strategies (FSDP, DeepSpeed, ModelParallel) for ``fit`` (evaluation
-  runs no optimizer step, so ``validate``/``test``/``predict`` are fine); on ranks other than zero,
-  silences the optimizer's own warnings until ``teardown`` (every rank would print the same
-  text: statistics are all-reduced and the model is the same everywhere).
+* ``setup``: refuses FSDP1 (``FSDPStrategy``) and DeepSpeed for ``fit`` (evaluation runs no
+  optimizer step, so ``validate``/``test``/``predict`` are fine); FSDP2 runs through
+  ``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model`` (:mod:`.fsdp`).
 * ``on_fit_start`` (after the strategy created and wrapped everything, before optimizer state is
   restored from a checkpoint): finds every AdaFisher/AdaFisherW in ``trainer.optimizers``,
   attaches the statistics hooks to the unwrapped LightningModule and, when there is more than
@@ -24,7 +23,6 @@ its ``state_dict``: Lightning saves them in checkpoints and restores them on res
 from __future__ import annotations
 
 import time
-import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -32,9 +30,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_adafisher import fsdp
 from lightning_adafisher.compat import grad_scaler_scale
 from lightning_adafisher.distributed import make_reducer
 from lightning_adafisher.optim import GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, AdaFisher
@@ -42,7 +40,7 @@ from lightning_adafisher.statistics import BoundLayer, PendingStats
 
 __all__ = ["AdaFisherCallback"]
 
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy")
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -66,23 +64,9 @@ class AdaFisherCallback(Callback):
         self._discarded = 0
         self._statistics_steps = 0
         self._comm_seconds = 0.0
-        self._quiet: warnings.catch_warnings | None = None
-
-    # --- checkpointed state -------------------------------------------------------------------
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "discarded": self._discarded,
-            "statistics_steps": self._statistics_steps,
-            "comm_seconds": self._comm_seconds,
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._discarded = int(state_dict.get("discarded", 0))
-        self._statistics_steps = int(state_dict.get("statistics_steps", 0))
-        self._comm_seconds = float(state_dict.get("comm_seconds", 0.0))
+        self._sharded: list[tuple[int, AdaFisher, Any]] = []
+        """FSDP2: (index in trainer.optimizers, optimizer, state-dict hook handle)."""
+        self._module: pl.LightningModule | None = None
 
     # --- set-up and teardown ------------------------------------------------------------------
 
@@ -91,14 +75,11 @@ class AdaFisherCallback(Callback):
         name = type(trainer.strategy).__name__
         if stage == "fit" and any(s in name for s in _SHARDED):
             raise MisconfigurationException(
-                f"AdaFisherCallback does not support the sharded strategy {name} yet: its "
-                "statistics hooks need whole parameters. Use strategy='ddp' (or a single device)."
+                f"AdaFisherCallback does not support the sharded strategy {name}: its "
+                "statistics hooks need whole parameters. Use strategy='ddp', or shard with FSDP2: "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) and "
+                "torch.distributed.fsdp.fully_shard in configure_model."
             )
-        if rank_zero_only.rank != 0 and self._quiet is None:
-            # The optimizer warns with plain ``warnings.warn`` (it knows nothing of ranks).
-            self._quiet = warnings.catch_warnings()
-            self._quiet.__enter__()
-            warnings.filterwarnings("ignore", message=r"AdaFisher")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -111,13 +92,22 @@ class AdaFisherCallback(Callback):
                 f"(found: {names}). Return lightning_adafisher.AdaFisherW from "
                 "configure_optimizers, or remove the callback."
             )
+        self._module = pl_module
+        for _, _, handle in self._sharded:
+            handle.remove()
+        self._sharded.clear()
+        for i, opt in enumerate(optimizers):
+            if isinstance(opt, AdaFisher) and fsdp.prepare_sharded(opt):
+                self._sharded.append((i, opt, fsdp.exclude_replicated_state(opt)))
+        if "ModelParallelStrategy" in type(trainer.strategy).__name__ and trainer.world_size > 1 and not self._sharded:
+            raise MisconfigurationException(
+                "AdaFisherCallback with ModelParallelStrategy needs the model sharded by FSDP2: "
+                "apply torch.distributed.fsdp.fully_shard in configure_model (without it no rank "
+                "averages gradients, and AdaFisher's parameters are not DTensors)."
+            )
         for opt in found:
             if opt.collector is None:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    opt.attach(pl_module)
-                for w in caught:  # once, from rank zero
-                    rank_zero_warn(str(w.message), category=w.category)
+                opt.attach(pl_module)  # its warnings print on rank zero only
                 self._attached.append(opt)
             if trainer.world_size > 1:
                 opt.statistics_reducer = self._make_reducer(trainer)
@@ -130,9 +120,34 @@ class AdaFisherCallback(Callback):
             opt.detach()
             opt.statistics_reducer = None
         self._attached.clear()
-        if self._quiet is not None:
-            self._quiet.__exit__(None, None, None)
-            self._quiet = None
+        # self._sharded stays until the next fit: trainer.save_checkpoint() after fit needs it.
+
+    # --- checkpointed state -------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "discarded": self._discarded,
+            "statistics_steps": self._statistics_steps,
+            "comm_seconds": self._comm_seconds,
+        }
+        if self._sharded and self._module is not None:
+            # FSDP2: the factors and counters every rank holds whole (the distributed checkpoint
+            # saves the sharded moments with the optimizer).
+            state["fsdp"] = {i: fsdp.replicated_state(opt, self._module) for i, opt, _ in self._sharded}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._discarded = int(state_dict.get("discarded", 0))
+        self._statistics_steps = int(state_dict.get("statistics_steps", 0))
+        self._comm_seconds = float(state_dict.get("comm_seconds", 0.0))
+        # Called after the strategy loaded the optimizer state (ModelParallelStrategy restores
+        # after on_fit_start, so the optimizers are known by now).
+        saved = state_dict.get("fsdp", {})
+        for i, opt, _ in self._sharded:
+            if i in saved and self._module is not None:
+                fsdp.load_replicated_state(opt, self._module, saved[i])
 
     def _make_reducer(self, trainer: pl.Trainer):
         strategy = trainer.strategy

@@ -12,6 +12,8 @@ runs :mod:`lightning_adafisher.bench`, ``lightning-adafisher diagnostics ...``
 from __future__ import annotations
 
 import sys
+import warnings
+from types import MethodType
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -72,6 +74,20 @@ class AdaFisherCLI(LightningCLI):
         build = getattr(self.model, "build_from_datamodule", None)
         if callable(build) and self.datamodule is not None:
             build(self.datamodule)
+        if is_overridden("configure_model", self.model):
+            # ... but a model that configure_model shards (fully_shard replaces the parameters)
+            # must be built first too: pytorch-lightning#19110. Build the optimizer when the
+            # Trainer asks for it, after configure_model.
+            parent = super()._add_configure_optimizers_method_to_model
+
+            def configure_optimizers(model: Any) -> Any:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*configure_optimizers` will be overridden")
+                    parent(subcommand)
+                return model.configure_optimizers()
+
+            self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
+            return
         super()._add_configure_optimizers_method_to_model(subcommand)
 
     def after_fit(self) -> None:

@@ -11,7 +11,7 @@ one small op per layer).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -101,12 +101,13 @@ def make_reducer(
     return reduce
 
 
-def torch_distributed_all_reduce_sum(tensor: Tensor) -> Tensor:
-    """``dist.all_reduce(SUM)`` when a process group is initialised, else the identity."""
+def torch_distributed_all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
+    """``dist.all_reduce(SUM)`` over ``group`` (default: the world) when a process group is
+    initialised, else the identity."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_adafisher import fsdp
 from lightning_adafisher import functional as fn
 from lightning_adafisher.distributed import is_rank_zero
 from lightning_adafisher.eigen_optim import EigenbasisSteps, matrix_shape
@@ -284,6 +285,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             group["betas"] = (group["beta"], group["beta2"])
         try:
             _check_hyperparameters(group)
+            fsdp.check_parameters(group["params"], group["variant"])
             first = self.param_groups[0]
             for key in _SAME_IN_ALL_GROUPS:
                 if group[key] != first[key]:
@@ -698,7 +700,12 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         self._normalised[id(primary)] = (h, s)
         return h, s
 
-    def _denominator(self, p: Tensor, damping: float, fused: bool) -> Tensor | float | fn.KronFactors:
+    def _denominator(
+        self, p: Tensor, damping: float, fused: bool, like: Tensor | None = None
+    ) -> Tensor | float | fn.KronFactors:
+        """``F`` of ``p``; the layer helper reads shapes off ``like`` (default ``p``; FSDP2: a
+        meta tensor of the whole parameter's shape)."""
+        like = p if like is None else like
         bound = self._binding.get(id(p))
         factors = None if bound is None else self._normalised_factors(bound[0].primary)
         if bound is None or factors is None:
@@ -716,9 +723,9 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if layer.helper.kronecker_form:
             # F = rows⊗cols + λ, left unmaterialised: the update builds it block by block in a
             # small scratch buffer (or inline, when fused).
-            rows, cols = layer.helper.kron_factors(layer.module, role, p, h_norm, s_norm)
+            rows, cols = layer.helper.kron_factors(layer.module, role, like, h_norm, s_norm)
             return fn.KronFactors(rows, cols, damping)
-        denom = layer.helper.denominator(layer.module, role, p, h_norm, s_norm, damping)
+        denom = layer.helper.denominator(layer.module, role, like, h_norm, s_norm, damping)
         return denom if denom.dtype == p.dtype else denom.to(p.dtype)
 
     def _scratch(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -750,7 +757,13 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if foreach is None:
             foreach = bool(params) and all(p.is_cuda for p in params)
         fused = group.get("fused", False)
-        denoms = [self._denominator(p, group["damping"], fused) for p in params]
+        if any(fsdp.is_sharded(p) for p in params):  # FSDP2: each rank updates its own rows
+            params, grads, exp_avgs, denoms, steps = fsdp.local_update_lists(
+                params, grads, exp_avgs, steps,
+                lambda p, like: self._denominator(p, group["damping"], fused, like),
+            )
+        else:
+            denoms = [self._denominator(p, group["damping"], fused) for p in params]
         compiled_before = fused and fn.fused_failure() is None
         fn.adafisher_update(
             params, grads, exp_avgs, denoms, steps,
