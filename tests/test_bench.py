@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from lightning_adafisher import bench
 from lightning_adafisher.bench import peers as bench_peers
@@ -16,6 +17,7 @@ ROW_KEYS = {
     "optimizer", "median_step_ms", "mean_step_ms", "ratio_to_baseline", "mean_ratio_to_baseline",
     "state_bytes", "state_ratio_to_baseline", "workspace_bytes", "peak_step_bytes",
     "optimizer_step_ms", "statistics_ms", "component_ratio_to_baseline",
+    "ops_per_step", "ops_max", "ops_ratio_to_baseline",
 }
 
 
@@ -60,6 +62,44 @@ def test_speed_tiny_cnn_writes_json(tmp_path, capsys):
     result = json.loads((tmp_path / "speed.json").read_text())
     _check_speed(result, "tiny", 4, "adam_fused")
     assert "adam_fused" in capsys.readouterr().out
+
+
+def test_op_counter_skips_views_allocations_and_metadata():
+    from lightning_adafisher.bench.ops import count_ops
+
+    x = torch.randn(4, 3)
+    counter = count_ops(lambda: (x.view(-1).add(1.0), x.t().sum(), torch.empty(3), x.detach().size()))
+    assert dict(counter.counts) == {"add": 1, "sum": 1}
+    assert counter.total == 2
+
+
+def test_cuda_code_path_switches_to_foreach_and_restores():
+    from lightning_adafisher import functional
+    from lightning_adafisher.bench.ops import cuda_code_path
+    from lightning_adafisher.optim import AdaFisher
+
+    opt = AdaFisher(torch.nn.Linear(3, 2), variant="paper")
+    before = functional._without_temporary
+    with cuda_code_path([opt, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)]):
+        assert opt.param_groups[0]["foreach"] is True and opt.defer_skip_check is True
+        assert functional._without_temporary(torch.zeros(1 << 21)) is False
+    assert opt.param_groups[0]["foreach"] is None and opt.defer_skip_check is None
+    assert functional._without_temporary is before
+
+
+def test_speed_count_ops(tmp_path, capsys):
+    bench.main(_speed_args(tmp_path, "--model", "tiny", "--batch-size", "4", "--image-size", "8", "--no-peers",
+                           "--count-ops", "--only", "adafisher_paper_k1,adafisher_paper_k10"))
+    rows = {row["optimizer"]: row for row in json.loads((tmp_path / "speed.json").read_text())["rows"]}
+    adam, plain = rows["adam_fused"], rows["fwd_bwd_only"]
+    # fused Adam adds a handful of ops to forward+backward; the same every step
+    assert 0 < adam["ops_max"] - plain["ops_max"] <= 4 and adam["ops_per_step"] == adam["ops_max"]
+    assert adam["ops_ratio_to_baseline"] == 1.0
+    k1, k10 = rows["adafisher_paper_k1"], rows["adafisher_paper_k10"]
+    assert k1["ops_per_step"] > adam["ops_max"]  # statistics on every step
+    assert k10["ops_per_step"] < k1["ops_per_step"]  # on one step in ten
+    assert k1["ops_ratio_to_baseline"] == pytest.approx(k1["ops_max"] / adam["ops_max"])
+    assert "compute ops per train step" in capsys.readouterr().out
 
 
 def test_speed_batch_size_sweep(tmp_path):

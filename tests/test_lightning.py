@@ -125,8 +125,10 @@ def test_sharded_strategy_name_is_refused_only_for_fit(stage):
         expected = F.cross_entropy(module(make_data(8).tensors[0]), make_data(8).tensors[1])
         assert out[0][key] == pytest.approx(expected.item(), rel=1e-12)
     with pytest.raises(MisconfigurationException, match=(
-        r"AdaFisherCallback does not support the sharded strategy FSDPStrategy yet: its statistics "
-        r"hooks need whole parameters. Use strategy='ddp' \(or a single device\).")):
+        r"AdaFisherCallback does not support the sharded strategy FSDPStrategy: its statistics "
+        r"hooks need whole parameters. Use strategy='ddp', or shard with FSDP2: "
+        r"ModelParallelStrategy\(data_parallel_size=N, tensor_parallel_size=1\) and "
+        r"torch.distributed.fsdp.fully_shard in configure_model.")):
         _trainer(precision="64-true", strategy=FSDPStrategy(torch.device("cpu")),
                  callbacks=[AdaFisherCallback()]).fit(Evaluated(), loader)
 
