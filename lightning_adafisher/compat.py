@@ -111,6 +111,15 @@ def batchnorm_types() -> tuple[type[nn.Module], ...]:
     return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
+def instancenorm_types() -> tuple[type[nn.Module], ...]:
+    """The InstanceNorm module types: ``nn.modules.instancenorm._InstanceNorm`` (lazy ones
+    included). Fallback: the public classes."""
+    base = getattr(getattr(nn.modules, "instancenorm", None), "_InstanceNorm", None)
+    if isinstance(base, type) and issubclass(base, nn.Module):
+        return (base,)
+    return (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
 FOREACH_OPS = ("_foreach_add", "_foreach_lerp_", "_foreach_mul_", "_foreach_addcdiv_", "_foreach_mul", "_foreach_add_")
 """The multi-tensor kernels the foreach update uses (``torch._foreach_*``, as torch.optim does)."""
 

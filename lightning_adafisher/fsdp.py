@@ -224,11 +224,7 @@ def load_replicated_state(optimizer: Any, model: nn.Module, saved: dict[str, Any
                 if isinstance(value, Tensor) else value
             )
     optimizer.state[GLOBAL] = copy.deepcopy(saved.get("global", {}))  # type: ignore[index]
-    optimizer._normalised.clear()
-    collector = optimizer.collector
-    if collector is not None:
-        collector.discard()
-        collector.active = optimizer._is_statistics_step(optimizer._steps_taken() + 1)
+    optimizer.state_changed()
 
 
 def exclude_replicated_state(optimizer: Any) -> Any:

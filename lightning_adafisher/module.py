@@ -25,11 +25,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_adafisher.callbacks import AdaFisherCallback
+from lightning_adafisher.compat import batchnorm_types, instancenorm_types
 from lightning_adafisher.optim import AdaFisherW
 
 __all__ = ["AdaFisherMixin"]
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_NORMS = (*batchnorm_types(), nn.LayerNorm, nn.GroupNorm, *instancenorm_types())
 
 
 class AdaFisherMixin:

@@ -864,6 +864,13 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         for g, j, key, value in loaded:
             p = self.param_groups[g]["params"][j]
             self.state[p][key] = value.to(device=p.device, dtype=fn.stats_dtype(p.dtype), copy=True)
+        self.state_changed()
+
+    def state_changed(self) -> None:
+        """Tell the optimizer that its ``state`` was written from outside (``load_state_dict``
+        calls it; so does :func:`lightning_adafisher.fsdp.load_replicated_state`): drops the
+        cached normalised factors and the statistics gathered since the last step, and sets the
+        hooks for the coming step from the (new) step count."""
         self._normalised.clear()
         if self._collector is not None:
             self._collector.discard()

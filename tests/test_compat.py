@@ -190,6 +190,14 @@ def test_batchnorm_types_without_the_private_base(monkeypatch):
     assert isinstance(layer_helper_for(nn.BatchNorm2d(3)), BatchNormHelper)
 
 
+def test_instancenorm_types_without_the_private_base(monkeypatch):
+    assert compat.instancenorm_types() == (nn.modules.instancenorm._InstanceNorm,)
+    monkeypatch.delattr(nn.modules.instancenorm, "_InstanceNorm")
+    types = compat.instancenorm_types()
+    for module in (nn.InstanceNorm1d(3), nn.InstanceNorm2d(3), nn.InstanceNorm3d(3)):
+        assert isinstance(module, types)
+
+
 def test_without_foreach_ops_the_foreach_update_takes_the_single_tensor_path(monkeypatch):
     def train(foreach):
         model = make_mixed()

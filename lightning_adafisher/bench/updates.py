@@ -29,13 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_adafisher.bench import quality as bq
+from lightning_adafisher.compat import batchnorm_types
 from lightning_adafisher.layers import layer_helper_for
 
 __all__ = ["updates", "add_arguments", "run_from_args"]
 
 KINDS = {
     nn.Linear: "Linear", nn.Conv2d: "Conv2d", nn.Embedding: "Embedding", nn.LayerNorm: "LayerNorm",
-    nn.modules.batchnorm._BatchNorm: "BatchNorm",
+    **{kind: "BatchNorm" for kind in batchnorm_types()},
 }
 
 
