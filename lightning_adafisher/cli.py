@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_adafisher.callbacks import AdaFisherCallback
+from lightning_adafisher.compat import lightning_cli_missing_methods, subcommands_action
 from lightning_adafisher.optim import AdaFisher
 
 __all__ = ["AdaFisherCLI", "main", "run_cli"]
@@ -47,6 +48,13 @@ def _configured_class(value: Any) -> type | None:
         return None
 
 
+def _value(config: Any, subcommand: str | None, key: str, default: Any) -> Any:
+    """``key`` of the parsed ``config``, under ``subcommand`` when there is one."""
+    if subcommand is not None and subcommand in config:
+        config = config[subcommand]
+    return config.get(key, default) if hasattr(config, "get") else default
+
+
 class AdaFisherCLI(LightningCLI):
     """LightningCLI that adds ``AdaFisherCallback`` when an AdaFisher optimizer is configured,
     and after ``fit`` tests at the best checkpoint (``--test_after_fit false`` to skip)."""
@@ -61,7 +69,7 @@ class AdaFisherCLI(LightningCLI):
         super()._add_subcommands(parser, **kwargs)
         # List bench/diagnostics in `--help` next to fit/validate/test/predict; main() runs them
         # before LightningCLI parses anything, so these placeholder parsers are never used.
-        action = getattr(parser, "_subcommands_action", None)
+        action = subcommands_action(parser)
         if action is None:  # a jsonargparse without it: the help just does not list them
             return
         for name, description in EXTRA_SUBCOMMANDS.items():
@@ -91,7 +99,7 @@ class AdaFisherCLI(LightningCLI):
         super()._add_configure_optimizers_method_to_model(subcommand)
 
     def after_fit(self) -> None:
-        if not self._get(self.config, "test_after_fit", default=False):
+        if not _value(self.config, self.subcommand, "test_after_fit", False):
             return
         datamodule = self.datamodule
         if datamodule is None or not is_overridden("test_dataloader", datamodule):
@@ -101,9 +109,9 @@ class AdaFisherCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=datamodule, ckpt_path="best" if best else None)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        optimizer_cls = _configured_class(self._get(self.config_init, "optimizer"))
+        value = _value(self.config_init, self.subcommand, "optimizer", None)
+        optimizer_cls = _configured_class(value)
         if optimizer_cls is None:  # instantiated already in some LightningCLI versions
-            value = self._get(self.config_init, "optimizer")
             optimizer_cls = value if isinstance(value, type) else None
         if isinstance(optimizer_cls, type) and issubclass(optimizer_cls, AdaFisher):
             configured = list(config.get("callbacks") or []) + list(callbacks)
@@ -114,6 +122,16 @@ class AdaFisherCLI(LightningCLI):
 
 def run_cli(argv: list[str] | None = None) -> AdaFisherCLI:
     """Run the LightningCLI and return it (its ``trainer`` and ``model``), for Python callers."""
+    missing = lightning_cli_missing_methods()
+    if missing:
+        import lightning
+
+        raise RuntimeError(
+            f"lightning-adafisher's CLI extends LightningCLI's {', '.join(missing)}, which this "
+            f"Lightning ({lightning.__version__}) does not have with the expected parameters. "
+            "Install a Lightning version this package supports (see pyproject.toml), or use your "
+            "own LightningCLI with AdaFisherCallback in trainer.callbacks."
+        )
     return AdaFisherCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -4,7 +4,8 @@ Private APIs change between torch releases without notice. Each function here tr
 fast path once per call, catches what a missing or re-signed API raises (``AttributeError``,
 ``TypeError``, ``RuntimeError``, ``ValueError``), and then answers from a public fallback, which
 is either exact or conservative as its docstring says (``tests/test_compat.py`` breaks each one
-and checks the numbers). Imports torch only: every module of the package may use it.
+and checks the numbers). Imports torch only (the Lightning and jsonargparse checks import
+them where they are called): every module of the package may use it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ __all__ = [
     "grad_scaler_scale",
     "has_foreach_ops",
     "in_backward",
+    "instancenorm_types",
+    "lightning_cli_missing_methods",
+    "subcommands_action",
     "is_compile_error",
     "saved_norm_mean",
     "saved_tensor_hooks_active",
@@ -128,3 +132,40 @@ def has_foreach_ops() -> bool:
     """Whether every op of :data:`FOREACH_OPS` exists. Fallback when one is missing: the
     single-tensor update (bitwise the same numbers, one kernel per parameter)."""
     return all(callable(getattr(torch, name, None)) for name in FOREACH_OPS)
+
+
+LIGHTNING_CLI_METHODS = {
+    "_add_subcommands": ("self", "parser", "kwargs"),
+    "_add_configure_optimizers_method_to_model": ("self", "subcommand"),
+    "_instantiate_trainer": ("self", "config", "callbacks"),
+}
+"""The protected ``LightningCLI`` methods ``lightning_adafisher.cli.AdaFisherCLI`` extends, with
+their parameters: Lightning documents no public hook for what they do (add a callback once the
+optimizer class is known, build the optimizer after ``configure_model``)."""
+
+
+def lightning_cli_missing_methods(base: type | None = None) -> list[str]:
+    """Which of :data:`LIGHTNING_CLI_METHODS` ``base`` (default: ``LightningCLI``) lacks or has
+    with other parameters. An override of a method that was renamed would never be called, and
+    the CLI would train without AdaFisher's callback: the caller refuses to run instead."""
+    import inspect
+
+    if base is None:
+        from lightning.pytorch.cli import LightningCLI as base
+    missing = []
+    for name, params in LIGHTNING_CLI_METHODS.items():
+        try:
+            found = tuple(inspect.signature(getattr(base, name)).parameters)
+        except BROKEN:
+            found = None
+        if found != params:
+            missing.append(name)
+    return missing
+
+
+def subcommands_action(parser: Any) -> Any | None:
+    """jsonargparse's subcommands action of ``parser`` (``parser._subcommands_action``), through
+    which extra subcommands are listed in ``--help``; ``None`` if it is gone (the help then
+    lists Lightning's subcommands only)."""
+    action = getattr(parser, "_subcommands_action", None)
+    return action if callable(getattr(action, "add_subcommand", None)) else None

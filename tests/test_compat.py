@@ -217,3 +217,51 @@ def test_without_foreach_ops_the_foreach_update_takes_the_single_tensor_path(mon
     assert not compat.has_foreach_ops()
     for p, q in zip(train(True), single):
         assert torch.equal(p, q)
+
+
+# --- LightningCLI and jsonargparse ----------------------------------------------------------------
+
+
+def test_lightning_cli_methods_the_cli_extends_are_present():
+    assert compat.lightning_cli_missing_methods() == []
+
+    from lightning.pytorch.cli import LightningCLI
+
+    class Renamed(LightningCLI):
+        _instantiate_trainer = None  # gone
+
+        def _add_subcommands(self, parser, extra):  # re-signed
+            pass
+
+    assert compat.lightning_cli_missing_methods(Renamed) == ["_add_subcommands", "_instantiate_trainer"]
+
+
+def test_cli_refuses_to_run_without_the_methods_it_extends(monkeypatch):
+    import lightning
+
+    from lightning_adafisher import cli
+
+    monkeypatch.setattr(cli, "lightning_cli_missing_methods", lambda: ["_instantiate_trainer"])
+    with pytest.raises(RuntimeError) as info:
+        cli.run_cli(["fit", "--help"])
+    assert str(info.value) == (
+        "lightning-adafisher's CLI extends LightningCLI's _instantiate_trainer, which this "
+        f"Lightning ({lightning.__version__}) does not have with the expected parameters. Install "
+        "a Lightning version this package supports (see pyproject.toml), or use your own "
+        "LightningCLI with AdaFisherCallback in trainer.callbacks."
+    )
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_help_without_jsonargparse_subcommands_action_lists_lightnings_subcommands(monkeypatch, capsys, broken):
+    from lightning_adafisher import cli
+
+    if broken:
+        monkeypatch.setattr(cli, "subcommands_action", lambda parser: None)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fit", "validate", "test", "predict"))
+    assert ("bench" in out and "diagnostics" in out) is not broken
+    assert compat.subcommands_action(object()) is None
