@@ -28,6 +28,15 @@ ON_CUDA = torch.device(DEVICE).type == "cuda"
 
 pytestmark = pytest.mark.cuda
 
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """cuDNN convolutions default to TF32 (10-bit mantissa): compare true float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
 HP = dict(lr=1e-2, beta=0.9, gamma=0.8, damping=1e-3)
 EIGEN_HP = dict(lr=1e-2, beta=0.9, beta2=0.95, eps=1e-6, gamma=0.8)
 
