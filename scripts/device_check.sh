@@ -4,6 +4,7 @@
 #   dry run:  DEVICE=cpu DRY_RUN=1 bash scripts/device_check.sh  (tiny sizes, a few minutes on CPU)
 # Parts, each under its own `timeout`; a failing part does not stop the rest, its exit status
 # goes into the summary:
+# The parts' time limits add up to under 11 min (not yet timed on a GPU).
 #   1. the device (nvidia-smi, torch's view of it)
 #   2. pytest -m cuda tests/test_cuda.py   (ADAFISHER_TEST_DEVICE=$DEVICE; junit XML)
 #   3. bench speed --count-ops: cifar_resnet18 b32, resnet18 b128 (with the peers that are
@@ -54,17 +55,17 @@ if [ "$DRY_RUN" = 1 ]; then
   R50_S=$BENCH_S GPT_S=$BENCH_S R18_S=$BENCH_S CIFAR_S=$BENCH_S
   FUSED=()  # compiling the fused kernel takes minutes on two CPU cores
 else
-  REP=(--repeats 20 --warmup 5) THREADS=(--threads 0) TESTS_S=150
+  REP=(--repeats 20 --warmup 5) THREADS=(--threads 0) TESTS_S=120
   CIFAR=(--model cifar_resnet18 --batch-size 32)
   R18=(--model resnet18 --batch-size 128)
-  R50=(--model resnet50 --batch-size 256 --image-size 224)
+  R50=(--model resnet50 --batch-size 256 --image-size 224 --repeats 10 --warmup 3)  # fewer rounds: its steps are the longest
   GPT=(--model gpt --batch-size 32 --context 256)
-  CIFAR_S=90 R18_S=120 R50_S=210 GPT_S=150
+  CIFAR_S=75 R18_S=105 R50_S=180 GPT_S=135
   FUSED=(--fused)
 fi
 BENCH=("$PY" -m lightning_adafisher.bench speed --device "$DEVICE" --count-ops "${THREADS[@]}" "${REP[@]}")
 
-part device 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
+part device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
   $PY -c 'import torch, platform; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"python\", platform.python_version()); \
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")'"
 part tests "$TESTS_S" env ADAFISHER_TEST_DEVICE="$DEVICE" "$PY" -m pytest -m cuda tests/test_cuda.py -q \
