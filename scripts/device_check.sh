@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA checks and measurements, as one prepared run on a machine with a GPU (under ~12 min).
+# The parts' time limits add up to under 11 min (not yet timed on a GPU).
 #   run:      bash scripts/device_check.sh                      (OUT defaults to ./device_out)
 #   dry run:  DEVICE=cpu DRY_RUN=1 bash scripts/device_check.sh  (tiny sizes, a few minutes on CPU)
 # Parts, each under its own `timeout`; a failing part does not stop the rest, its exit status
 # goes into the summary:
-# The parts' time limits add up to under 11 min (not yet timed on a GPU).
 #   1. the device (nvidia-smi, torch's view of it)
 #   2. pytest -m cuda tests/test_cuda.py   (ADAFISHER_TEST_DEVICE=$DEVICE; junit XML)
 #   3. bench speed --count-ops: cifar_resnet18 b32, resnet18 b128 (with the peers that are
