@@ -47,7 +47,7 @@ part() {
 
 if [ "$DRY_RUN" = 1 ]; then
   # Same models and flags, sizes small enough for two CPU cores.
-  REP=(--repeats 2 --warmup 1) THREADS=(--threads 2) TESTS_S=300 BENCH_S=150
+  REP=(--repeats 2 --warmup 1) THREADS=(--threads 1) TESTS_S=300 BENCH_S=150  # 1 thread: no OpenMP spinning on a shared CPU
   CIFAR=(--model cifar_resnet18 --batch-size 4)
   R18=(--model resnet18 --batch-size 4 --image-size 32)
   R50=(--model resnet50 --batch-size 2 --image-size 32)
