@@ -94,9 +94,7 @@ def make_reducer(
     def reduce(layers: list[BoundLayer], pending: dict[str, PendingStats]) -> dict[str, PendingStats]:
         dev = device() if callable(device) else device
         pooled = unpack(layers, all_reduce_sum(pack(layers, pending, dev)))
-        for stats in pooled.values():
-            stats.s_total = stats.s_total * s_scale  # type: ignore[operator]
-        return pooled
+        return {name: stats._replace(s_total=stats.s_total * s_scale) for name, stats in pooled.items()}  # type: ignore[operator]
 
     return reduce
 
