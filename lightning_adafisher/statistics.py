@@ -17,9 +17,13 @@ backward pass is an activation-checkpoint recomputation: it is skipped when the 
 was counted (non-reentrant checkpointing) and counted when it was not (reentrant checkpointing,
 whose first forward runs without grad), so each call is counted exactly once.
 
-Statistics accumulate as ``(total, count)`` over every call and backward pass until
-:meth:`StatisticsCollector.consume` hands them to the optimizer, which is how gradient
-accumulation and modules called several times per forward are pooled.
+Reading order: :meth:`StatisticsCollector._make_forward_hook` gates a call and hands it to one
+route per kind of layer (``_tensor_route``, ``_norm_kernel_route``, ``_eigen_route``); a route
+appends each call's ``h`` and ``s`` to the layer's :class:`Window` as a tensor, a function that
+finishes it, or a :class:`NormPart`. Calls pool over every forward and backward pass (gradient
+accumulation, modules called several times) until :meth:`StatisticsCollector.consume`, where
+:func:`resolve`, the one place deferred work runs, turns each window into a
+:class:`LayerStats` of ``(total, count)``.
 """
 
 from __future__ import annotations
