@@ -36,7 +36,7 @@ from lightning_adafisher import fsdp
 from lightning_adafisher.compat import grad_scaler_scale
 from lightning_adafisher.distributed import make_reducer
 from lightning_adafisher.optim import GLOBAL, GLOBAL_SKIPPED, GLOBAL_STEPS, AdaFisher
-from lightning_adafisher.statistics import BoundLayer, PendingStats
+from lightning_adafisher.statistics import BoundLayer, LayerStats
 
 __all__ = ["AdaFisherCallback"]
 
@@ -157,7 +157,7 @@ class AdaFisherCallback(Callback):
             trainer.world_size,
         )
 
-        def timed(layers: list[BoundLayer], pending: dict[str, PendingStats]):
+        def timed(layers: list[BoundLayer], pending: dict[str, LayerStats]):
             start = time.perf_counter()
             out = inner(layers, pending)
             self._comm_seconds += time.perf_counter() - start

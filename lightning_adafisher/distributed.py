@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_adafisher.functional import stats_dtype
-from lightning_adafisher.statistics import BoundLayer, PendingStats
+from lightning_adafisher.statistics import BoundLayer, LayerStats
 
 __all__ = ["pack", "unpack", "make_reducer", "torch_distributed_all_reduce_sum", "is_rank_zero"]
 
@@ -30,7 +30,7 @@ def _buffer_dtype(layers: list[BoundLayer]) -> torch.dtype:
 
 
 def pack(
-    layers: list[BoundLayer], pending: dict[str, PendingStats], device: torch.device
+    layers: list[BoundLayer], pending: dict[str, LayerStats], device: torch.device
 ) -> Tensor:
     """Lay the pending statistics out in one flat buffer (zeros where a layer saw nothing)."""
     dtype = _buffer_dtype(layers)
@@ -54,7 +54,7 @@ def pack(
     return torch.cat(totals)
 
 
-def unpack(layers: list[BoundLayer], buffer: Tensor) -> dict[str, PendingStats]:
+def unpack(layers: list[BoundLayer], buffer: Tensor) -> dict[str, LayerStats]:
     """Inverse of :func:`pack`; layers with a zero count on every rank are left out.
 
     Counts are read on the host: they are shape-derived integers, and the fold needs them as
@@ -69,11 +69,11 @@ def unpack(layers: list[BoundLayer], buffer: Tensor) -> dict[str, PendingStats]:
         )
     counts = buffer[expected - len(sizes) :].tolist()
     parts = buffer[: expected - len(sizes)].split(sizes)
-    pending: dict[str, PendingStats] = {}
+    pending: dict[str, LayerStats] = {}
     for k, layer in enumerate(layers):
         h_count, s_count = counts[2 * k], counts[2 * k + 1]
         if h_count > 0 and s_count > 0:
-            pending[layer.name] = PendingStats(parts[2 * k], h_count, parts[2 * k + 1], s_count)
+            pending[layer.name] = LayerStats(parts[2 * k], h_count, parts[2 * k + 1], s_count)
     return pending
 
 
@@ -81,7 +81,7 @@ def make_reducer(
     all_reduce_sum: Callable[[Tensor], Tensor],
     device: torch.device | Callable[[], torch.device],
     world_size: int,
-) -> Callable[[list[BoundLayer], dict[str, PendingStats]], dict[str, PendingStats]]:
+) -> Callable[[list[BoundLayer], dict[str, LayerStats]], dict[str, LayerStats]]:
     """A statistics reducer for :attr:`AdaFisher.statistics_reducer` from a sum all-reduce.
 
     Each rank's hooks see ``G`` of its *local* loss, which DDP's gradient averaging turns into
@@ -91,12 +91,10 @@ def make_reducer(
     """
     s_scale = 1.0 / float(world_size) ** 2
 
-    def reduce(layers: list[BoundLayer], pending: dict[str, PendingStats]) -> dict[str, PendingStats]:
+    def reduce(layers: list[BoundLayer], pending: dict[str, LayerStats]) -> dict[str, LayerStats]:
         dev = device() if callable(device) else device
         pooled = unpack(layers, all_reduce_sum(pack(layers, pending, dev)))
-        for stats in pooled.values():
-            stats.s_total = stats.s_total * s_scale  # type: ignore[operator]
-        return pooled
+        return {name: stats._replace(s_total=stats.s_total * s_scale) for name, stats in pooled.items()}  # type: ignore[operator]
 
     return reduce
 

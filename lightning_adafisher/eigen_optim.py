@@ -29,7 +29,7 @@ from lightning_adafisher.state_keys import (
     EIGEN_EXP_AVG, EIGEN_EXP_AVG_SQ, EIGEN_REFRESHED_AT, EIGENBASIS_H, EIGENBASIS_S, EXP_AVG,
     EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, STEP,
 )
-from lightning_adafisher.statistics import BoundLayer, PendingStats
+from lightning_adafisher.statistics import BoundLayer, LayerStats
 
 __all__ = ["EigenbasisSteps", "GradientFactored"]
 
@@ -96,7 +96,7 @@ class EigenbasisSteps:
 
     # --- fold ------------------------------------------------------------------------------
 
-    def _fold_eigen(self, layers: list[BoundLayer], pending: dict[str, PendingStats]) -> None:
+    def _fold_eigen(self, layers: list[BoundLayer], pending: dict[str, LayerStats]) -> None:
         """EMA of the full factors ``A`` (``factor_h``) and ``G`` (``factor_s``) of every layer
         with statistics this step and of every gradient-factored parameter with a gradient."""
         gamma_of = {id(p): group["gamma"] for group in self.param_groups for p in group["params"]}

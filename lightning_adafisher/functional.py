@@ -707,51 +707,58 @@ def adafisher_update(
     * on the multi-tensor path: ``F`` of consecutive parameters written into views of
       ``workspace`` until :data:`UPDATE_BLOCK` elements are filled, then one set of ``_foreach``
       kernels per such chunk (a weight larger than a chunk takes the blocked single-tensor
-      path); without a ``workspace``, ``F`` is materialised per parameter.
+      path).
 
-    All give the same numbers as the plain formula (the eager paths bitwise, the fused one to
-    rounding). A non-contiguous parameter takes the materialised path.
+    Without a ``workspace``, a fresh buffer serves each block or chunk. A tensor or float ``F``
+    and a non-contiguous parameter take the plain path (``F`` materialised). All give the same
+    numbers as the plain formula (the eager paths bitwise, the fused one to rounding).
     ``steps[i]`` is the parameter's own update count including this one.
     """
     if not params:
         return
     foreach = foreach and compat.has_foreach_ops()
     kwargs = dict(lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled)
-    viewable = [
-        isinstance(d, KronFactors) and params[i].is_contiguous() and exp_avgs[i].is_contiguous()
-        for i, d in enumerate(denominators)
+    scratch = workspace if workspace is not None else _fresh_workspace
+    # One partition: every parameter takes exactly one of four paths.
+    kron = [
+        i for i, d in enumerate(denominators)
+        if isinstance(d, KronFactors) and params[i].is_contiguous() and exp_avgs[i].is_contiguous()
     ]
-    kron = [i for i, ok in enumerate(viewable) if ok]
-    if fused or not foreach:
-        done = fused and _fused_update(
-            [params[i] for i in kron], [grads[i] for i in kron], [exp_avgs[i] for i in kron],
-            [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs,  # type: ignore[misc]
+    fused_ok = fused and _fused_update(
+        [params[i] for i in kron], [grads[i] for i in kron], [exp_avgs[i] for i in kron],
+        [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs,  # type: ignore[misc]
+    )
+    chunked = [] if fused_ok or not foreach else [i for i in kron if params[i].numel() <= UPDATE_BLOCK]
+    blocked = [] if fused_ok else [i for i in kron if i not in set(chunked)]
+    done = set(kron)
+    plain = [i for i in range(len(params)) if i not in done]
+    for chunk in _chunks(chunked, params):
+        _chunked_multi_tensor_update(
+            [params[i] for i in chunk], [grads[i] for i in chunk], [exp_avgs[i] for i in chunk],
+            [denominators[i] for i in chunk], [steps[i] for i in chunk],  # type: ignore[misc]
+            workspace=scratch, **kwargs,
         )
-        blocked = [] if done else kron
-    elif workspace is not None:
-        blocked = [i for i in kron if params[i].numel() > UPDATE_BLOCK]
-        for chunk in _chunks([i for i in kron if params[i].numel() <= UPDATE_BLOCK], params):
-            _chunked_multi_tensor_update(
-                [params[i] for i in chunk], [grads[i] for i in chunk], [exp_avgs[i] for i in chunk],
-                [denominators[i] for i in chunk], [steps[i] for i in chunk],  # type: ignore[misc]
-                workspace=workspace, **kwargs,
-            )
-    else:
-        kron = blocked = []  # everything materialised below
     for i in blocked:
         _blocked_kron_update(params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
-                             workspace=workspace, **kwargs)
-    keep = [i for i, ok in enumerate(viewable) if not ok] if kron else range(len(params))
-    params, grads, exp_avgs = [params[i] for i in keep], [grads[i] for i in keep], [exp_avgs[i] for i in keep]
-    denominators, steps = [denominators[i] for i in keep], [steps[i] for i in keep]
-    denominators = [
-        d.materialise(p.shape).to(p.dtype) if isinstance(d, KronFactors) else d
-        for p, d in zip(params, denominators)
-    ]
-    if not params:
-        return
-    update = _multi_tensor_update if foreach else _single_tensor_update
-    update(params, grads, exp_avgs, denominators, steps, **kwargs)  # type: ignore[arg-type]
+                             workspace=scratch, **kwargs)
+    if plain:
+        update = _multi_tensor_update if foreach else _single_tensor_update
+        update(
+            [params[i] for i in plain], [grads[i] for i in plain], [exp_avgs[i] for i in plain],
+            [_materialised(denominators[i], params[i]) for i in plain],
+            [steps[i] for i in plain], **kwargs,  # type: ignore[arg-type]
+        )
+
+
+def _materialised(denominator: Tensor | float | KronFactors, p: Tensor) -> Tensor | float:
+    if isinstance(denominator, KronFactors):
+        return denominator.materialise(p.shape).to(p.dtype)
+    return denominator
+
+
+def _fresh_workspace(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The scratch buffer when the caller keeps none: a new one each time."""
+    return torch.empty(numel, dtype=dtype, device=device)
 
 
 _fused_failure: str | None = None
@@ -818,7 +825,7 @@ def fused_failure() -> str | None:
 def _blocked_kron_update(
     p: Tensor, g: Tensor, m: Tensor, kron: KronFactors, t: int, *,
     lr: float, beta: float, weight_decay: float, decoupled: bool,
-    workspace: Callable[[int, torch.dtype, torch.device], Tensor] | None,
+    workspace: Callable[[int, torch.dtype, torch.device], Tensor],
 ) -> None:
     """The single-tensor update of one parameter with Kronecker factors, over blocks of rows.
 
@@ -833,10 +840,7 @@ def _blocked_kron_update(
     c_all = kron.cols.to(p.dtype).unsqueeze(0)
     step_size = lr / (1.0 - beta**t)
     block_rows = max(1, min(rows, UPDATE_BLOCK // cols))
-    scratch = (
-        workspace(block_rows * cols, p.dtype, p.device) if workspace is not None
-        else p.new_empty(block_rows * cols)
-    )
+    scratch = workspace(block_rows * cols, p.dtype, p.device)
     r_block = r_all.expand(rows) if r_all.numel() == 1 else r_all
     for r0 in range(0, rows, block_rows):
         r1 = min(rows, r0 + block_rows)

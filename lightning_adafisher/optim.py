@@ -35,7 +35,7 @@ from lightning_adafisher.state_keys import (  # re-exported: named once
     EXP_AVG_SQ, FACTOR_H, FACTOR_S, FACTOR_UPDATES, GLOBAL, GLOBAL_SKIPPED, GLOBAL_SKIPPED_STEPS,
     GLOBAL_STEPS, STEP,
 )
-from lightning_adafisher.statistics import BoundLayer, PendingStats, StatisticsCollector
+from lightning_adafisher.statistics import BoundLayer, LayerStats, StatisticsCollector
 
 __all__ = ["AdaFisher", "AdaFisherW", "VARIANTS"]
 
@@ -59,7 +59,7 @@ _FIRST_KEYS = ("lr", "beta", "gamma", "damping", "weight_decay", "update_interva
 """Hyperparameters every AdaFisher checkpoint holds: without them, the state is another
 optimizer's."""
 
-StatisticsReducer = Callable[[list[BoundLayer], dict[str, PendingStats]], dict[str, PendingStats]]
+StatisticsReducer = Callable[[list[BoundLayer], dict[str, LayerStats]], dict[str, LayerStats]]
 
 _ALGORITHM = r"""
     .. code-block:: text
@@ -519,7 +519,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if self._collector is not None:
             self._collector.discard()
 
-    def _fold(self, pending: dict[str, PendingStats]) -> None:
+    def _fold(self, pending: dict[str, LayerStats]) -> None:
         assert self._collector is not None
         layers = self._collector.layers
         if self.statistics_reducer is not None:
@@ -529,7 +529,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             return
         # One pass over the groups per statistics step, not one scan per layer.
         gamma_of = {id(p): group["gamma"] for group in self.param_groups for p in group["params"]}
-        batches: dict[tuple[torch.device, torch.dtype], list[tuple[BoundLayer, PendingStats]]] = {}
+        batches: dict[tuple[torch.device, torch.dtype], list[tuple[BoundLayer, LayerStats]]] = {}
         for layer in layers:
             stats = pending.get(layer.name)
             if stats is None or not stats.complete:
@@ -560,7 +560,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             )
 
     def _fold_batch(
-        self, batch: list[tuple[BoundLayer, PendingStats]], device: torch.device,
+        self, batch: list[tuple[BoundLayer, LayerStats]], device: torch.device,
         dtype: torch.dtype, gamma_of: dict[int, float],
     ) -> Tensor:
         """Fold the statistics of layers on one device and dtype as one flat vector

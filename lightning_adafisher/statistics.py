@@ -17,13 +17,18 @@ backward pass is an activation-checkpoint recomputation: it is skipped when the 
 was counted (non-reentrant checkpointing) and counted when it was not (reentrant checkpointing,
 whose first forward runs without grad), so each call is counted exactly once.
 
-Statistics accumulate as ``(total, count)`` over every call and backward pass until
-:meth:`StatisticsCollector.consume` hands them to the optimizer, which is how gradient
-accumulation and modules called several times per forward are pooled.
+Reading order: :meth:`StatisticsCollector._make_forward_hook` gates a call and hands it to one
+route per kind of layer (``_tensor_route``, ``_norm_kernel_route``, ``_eigen_route``); a route
+appends each call's ``h`` and ``s`` to the layer's :class:`Window` as a tensor, a function that
+finishes it, or a :class:`NormPart`. Calls pool over every forward and backward pass (gradient
+accumulation, modules called several times) until :meth:`StatisticsCollector.consume`, where
+:func:`resolve`, the one place deferred work runs, turns each window into a
+:class:`LayerStats` of ``(total, count)``.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -37,7 +42,7 @@ from lightning_adafisher import compat
 from lightning_adafisher import functional as fn
 from lightning_adafisher.layers import LayerHelper
 
-__all__ = ["BoundLayer", "PendingStats", "StatisticsCollector"]
+__all__ = ["BoundLayer", "LayerStats", "PendingStats", "StatisticsCollector", "resolve"]
 
 _NORM_KERNEL_NODE = re.compile(r"(BatchNorm|LayerNorm)\w*Backward\d*$")
 """Autograd nodes of the norm kernels (native, cuDNN, MIOpen), whose inputs are ``(x, w, b)``."""
@@ -75,54 +80,91 @@ def _saved_mean(node: Any, expected_shape: tuple[int, ...]) -> Tensor | None:
     return mean if mean is not None and tuple(mean.shape) == expected_shape else None
 
 
-def _deferred_total(finish: Callable[[], Tensor]) -> Callable[[], Tensor]:
-    def run() -> Tensor:
-        with torch.no_grad():
-            return finish()
-
-    return run
-
-
-def _deferred(function: Callable[..., tuple[Tensor, float]], *args: Any) -> Callable[[], Tensor]:
-    """The total of ``function(*args)``, computed when first read."""
-    return _deferred_total(lambda: function(*args)[0])
-
-
 class NormPart(NamedTuple):
-    """One norm-layer call's total, kept as data until the optimizer step, where every such part
-    of a step is finished together (:func:`functional.finish_norm_statistics`): ``s`` from the
-    call's bias gradient (``args = (grad_bias, batch)``) or ``h`` from the saved mean
+    """One norm-layer call's total, kept as data until :func:`resolve`, which finishes every
+    such part of a window in one batch (:func:`functional.finish_norm_statistics`): ``s`` from
+    the call's bias gradient (``args = (grad_bias, batch)``) or ``h`` from the saved mean
     (``args = (mean, x_shape, per_mean)``)."""
 
     from_bias_grad: bool
     args: tuple[Any, ...]
 
-    def finish(self) -> Tensor:
-        """This part alone (the same ops as the batched form)."""
-        with torch.no_grad():
-            if self.from_bias_grad:
-                return fn.norm_output_stats_from_bias_grad(*self.args)[0]
-            return fn.norm_input_stats_from_mean(*self.args)[0]
+
+Part = Tensor | Callable[[], Tensor] | NormPart
+"""One call's total: a tensor, a function that finishes it, or a norm part (see :func:`resolve`)."""
 
 
-def finish_norm_parts(pending: dict[str, PendingStats]) -> None:
-    """Finish every :class:`NormPart` in ``pending`` together, per device and dtype."""
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[list[Part], int, NormPart]]] = {}
-    for stats in pending.values():
-        for parts in (stats._h, stats._s):
+class LayerStats(NamedTuple):
+    """One layer's statistics pooled over a window: ``h = h_total / h_count`` (same for ``s``)."""
+
+    h_total: Tensor | None
+    h_count: float
+    s_total: Tensor | None
+    s_count: float
+
+    @property
+    def complete(self) -> bool:
+        return self.h_count > 0 and self.s_count > 0
+
+
+PendingStats = LayerStats
+"""The name the optimizer, the reducers and the callbacks use for a layer's pooled statistics."""
+
+
+@dataclass(eq=False)
+class Window:
+    """One layer's calls since the last :meth:`StatisticsCollector.consume`, unresolved."""
+
+    h: list[Part] = field(default_factory=list)
+    h_count: float = 0.0
+    s: list[Part] = field(default_factory=list)
+    s_count: float = 0.0
+
+    def add_h(self, part: Part, count: float) -> None:
+        self.h.append(part)
+        self.h_count += count
+
+    def add_s(self, part: Part, count: float) -> None:
+        self.s.append(part)
+        self.s_count += count
+
+
+def resolve(windows: dict[str, Window]) -> dict[str, LayerStats]:
+    """Turn every layer's window into ``(total, count)`` tensors: the one place where deferred
+    work runs. The norm parts of all layers are finished together, per device and dtype (a
+    handful of kernels for the whole model instead of a few per call); the functions a hook
+    left run back to back; a layer's calls are summed in call order."""
+    finished: dict[tuple[str, int, int], Tensor] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[tuple[str, int, int], NormPart]]] = {}
+    for name, window in windows.items():
+        for side, parts in enumerate((window.h, window.s)):
             for i, part in enumerate(parts):
                 if isinstance(part, NormPart):
                     t = part.args[0]
-                    groups.setdefault((t.device, fn.stats_dtype(t.dtype)), []).append((parts, i, part))
+                    groups.setdefault((t.device, fn.stats_dtype(t.dtype)), []).append(((name, side, i), part))
     with torch.no_grad():
         for items in groups.values():
             s, h = fn.finish_norm_statistics(
-                [part.args for _, _, part in items if part.from_bias_grad],
-                [part.args for _, _, part in items if not part.from_bias_grad],
+                [part.args for _, part in items if part.from_bias_grad],
+                [part.args for _, part in items if not part.from_bias_grad],
             )
             s_iter, h_iter = iter(s), iter(h)
-            for parts, i, part in items:
-                parts[i] = next(s_iter) if part.from_bias_grad else next(h_iter)
+            for key, part in items:
+                finished[key] = next(s_iter) if part.from_bias_grad else next(h_iter)
+        out: dict[str, LayerStats] = {}
+        for name, window in windows.items():
+            totals: list[Tensor | None] = []
+            for side, parts in enumerate((window.h, window.s)):
+                total: Tensor | None = None
+                for i, part in enumerate(parts):
+                    value = (
+                        finished[(name, side, i)] if isinstance(part, NormPart)
+                        else part() if callable(part) else part
+                    )
+                    total = value if total is None else total + value
+                totals.append(total)
+            out[name] = LayerStats(totals[0], window.h_count, totals[1], window.s_count)
+    return out
 
 
 @dataclass(eq=False)
@@ -153,77 +195,6 @@ class BoundLayer:
         return (n_h * n_h if self.eigen_sides[0] else 0), (n_s * n_s if self.eigen_sides[1] else 0)
 
 
-Part = Tensor | Callable[[], Tensor] | NormPart
-"""One call's total, or what computes it later (finished at the optimizer step)."""
-
-
-class PendingStats:
-    """Pooled raw statistics of one layer: ``h = h_total / h_count`` (same for ``s``).
-
-    A hook may add a *deferred* total (a zero-argument function): the small finishing ops of a
-    norm layer's or a conv's statistic then run back to back at the optimizer step instead of
-    one by one inside the hooks, where every op costs tens of µs on CPU because its code is cold
-    after the layer's own kernel (docs/performance.md). Totals are resolved, and
-    summed, on first read of :attr:`h_total`/:attr:`s_total`.
-    """
-
-    __slots__ = ("_h", "h_count", "_s", "s_count")
-
-    def __init__(
-        self, h_total: Tensor | None = None, h_count: float = 0.0,
-        s_total: Tensor | None = None, s_count: float = 0.0,
-    ) -> None:
-        self._h: list[Part] = [] if h_total is None else [h_total]
-        self._s: list[Part] = [] if s_total is None else [s_total]
-        self.h_count, self.s_count = h_count, s_count
-
-    def __repr__(self) -> str:
-        return f"PendingStats(h_count={self.h_count}, s_count={self.s_count})"
-
-    def add_h(self, total: Part, count: float) -> None:
-        self._h.append(total)
-        self.h_count += count
-
-    def add_s(self, total: Part, count: float) -> None:
-        self._s.append(total)
-        self.s_count += count
-
-    @staticmethod
-    def _resolve(parts: list[Part]) -> Tensor | None:
-        if not parts:
-            return None
-        if len(parts) > 1 or not isinstance(parts[0], Tensor):
-            values = [
-                part.finish() if isinstance(part, NormPart) else part() if callable(part) else part
-                for part in parts
-            ]
-            total = values[0]
-            for value in values[1:]:
-                total = total + value
-            parts[:] = [total]
-        return parts[0]  # type: ignore[return-value]
-
-    @property
-    def h_total(self) -> Tensor | None:
-        return self._resolve(self._h)
-
-    @h_total.setter
-    def h_total(self, value: Tensor) -> None:
-        self._h = [value]
-
-    @property
-    def s_total(self) -> Tensor | None:
-        return self._resolve(self._s)
-
-    @s_total.setter
-    def s_total(self, value: Tensor) -> None:
-        self._s = [value]
-
-    @property
-    def complete(self) -> bool:
-        return self.h_count > 0 and self.s_count > 0
-
-
 @dataclass(eq=False)
 class StatisticsCollector:
     """Owns the hooks of a set of layers and the statistics they gather."""
@@ -231,7 +202,8 @@ class StatisticsCollector:
     layers: list[BoundLayer]
     variant: str
     active: bool = True
-    pending: dict[str, PendingStats] = field(default_factory=dict)
+    pending: dict[str, Window] = field(default_factory=dict)
+    """Per layer name, the calls gathered since the last :meth:`consume` (read-only outside)."""
     timed: bool = False
     """Accumulate the host time spent computing statistics in :attr:`seconds` (diagnostics)."""
     seconds: float = 0.0
@@ -262,96 +234,121 @@ class StatisticsCollector:
         self.pending.clear()
         self._counted_forwards.clear()
 
-    def consume(self) -> dict[str, PendingStats]:
+    def peek(self) -> dict[str, LayerStats]:
+        """The statistics gathered so far, resolved, without starting a new window."""
+        return resolve(self.pending)
+
+    def consume(self) -> dict[str, LayerStats]:
         """Hand over the pooled statistics and start a new window."""
-        pending = self.pending
+        windows = self.pending
         self.pending = {}
         self._counted_forwards.clear()
-        finish_norm_parts(pending)
-        return pending
+        return resolve(windows)
 
     # ----------------------------------------------------------------------------------------
 
+    def _window(self, name: str) -> Window:
+        return self.pending.setdefault(name, Window())
+
+    def _counts(self, name: str) -> bool:
+        """Whether this call counts: a forward inside backward is an activation-checkpoint
+        recomputation, skipped when the original forward was counted."""
+        if compat.in_backward():
+            if self._counted_forwards.get(name, 0) > 0:
+                self._counted_forwards[name] -= 1
+                return False
+        else:
+            self._counted_forwards[name] = self._counted_forwards.get(name, 0) + 1
+        return True
+
     def _make_forward_hook(self, layer: BoundLayer) -> Callable[..., None]:
-        name, helper, variant = layer.name, layer.helper, self.variant
-        builtin_bias_grad = helper.s_from_bias_grad_batched
-
-        sides = layer.eigen_sides
-
-        def on_grad(g: Tensor) -> None:
-            start = time.perf_counter() if self.timed else 0.0
-            with torch.no_grad():  # cheaper than a dispatched .detach() (create_graph backward)
-                if sides is None:
-                    total, count = helper.output_stats(layer.module, g, variant)
-                elif sides[1]:
-                    total, count = helper.output_cov(layer.module, g)
-                else:
-                    total, count = g.new_zeros(0, dtype=fn.stats_dtype(g.dtype)), 1.0
-            self.pending.setdefault(name, PendingStats()).add_s(total, count)
-            if self.timed:
-                self.seconds += time.perf_counter() - start
-
-        def on_bias_grad(slot: int, batch: int, grad_inputs: tuple[Tensor | None, ...]) -> None:
-            grad_bias = grad_inputs[slot]
-            if grad_bias is None:  # a backward that does not reach the bias (autograd.grad)
-                return
-            # Finished at the optimizer step. Holding the gradient is safe: autograd hands it to
-            # AccumulateGrad, which copies it (it steals a gradient only if nobody else holds
-            # it), and hooks must not modify their argument in place (torch's hook contract).
-            if builtin_bias_grad:
-                total: Part = NormPart(True, (grad_bias, batch))
-            else:
-                total = _deferred(helper.output_stats_from_bias_grad, layer.module, grad_bias, batch)
-            self.pending.setdefault(name, PendingStats()).add_s(total, 1.0)
+        route = (
+            self._eigen_route if layer.eigen_sides is not None
+            else self._norm_kernel_route if layer.helper.s_from_bias_grad or layer.helper.h_from_saved_mean
+            else self._tensor_route
+        )
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not (self.active and module.training and torch.is_grad_enabled()):
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
-            if compat.in_backward():
-                # Forward inside backward: an activation-checkpoint recomputation.
-                if self._counted_forwards.get(name, 0) > 0:
-                    self._counted_forwards[name] -= 1
-                    return
-            else:
-                self._counted_forwards[name] = self._counted_forwards.get(name, 0) + 1
-            start = time.perf_counter() if self.timed else 0.0
-            x = args[0] if args else next(iter(kwargs.values()))
-            if sides is not None:
-                # Full factors (variant="eigen"): no norm-kernel shortcuts apply.
-                with torch.no_grad():
-                    if sides[0]:
-                        total, count = helper.input_cov(module, x)
-                    else:
-                        total, count = x.new_zeros(0, dtype=fn.stats_dtype(output.dtype)), 1.0
-                self.pending.setdefault(name, PendingStats()).add_h(total, count)
-                output.register_hook(on_grad)
-                if self.timed:
-                    self.seconds += time.perf_counter() - start
+            if not self._counts(layer.name):
                 return
-            node = _norm_kernel_node(output) if helper.s_from_bias_grad or helper.h_from_saved_mean else None
-            pending = self.pending.setdefault(name, PendingStats())
-            shape = tuple(x.shape)
-            layout = helper.saved_mean_layout(module, shape) if node is not None and helper.h_from_saved_mean else None
-            mean = None if layout is None else _saved_mean(node, layout[0])
-            if mean is not None:
-                pending.add_h(NormPart(False, (mean, shape, layout[1])), 1.0)
-            else:
-                with torch.no_grad():
-                    total, count = helper.input_stats_in_hook(module, x, variant)
-                if callable(total):
-                    total = _deferred_total(total)
-                pending.add_h(total, count)
-            slot = _bias_slot(node, module) if node is not None and helper.s_from_bias_grad else None
-            if slot is None:
-                output.register_hook(on_grad)
-            else:
-                batch = output.shape[0] if output.dim() >= 2 else 1
-                node.register_hook(
-                    lambda grad_inputs, grad_outputs: on_bias_grad(slot, batch, grad_inputs)
-                )
+            start = time.perf_counter() if self.timed else 0.0
+            route(layer, args[0] if args else next(iter(kwargs.values())), output)
             if self.timed:
                 self.seconds += time.perf_counter() - start
 
         return hook
+
+    def _on_grad(self, layer: BoundLayer, g: Tensor) -> None:
+        """``s`` from the output gradient ``G`` (a tensor hook on the output)."""
+        start = time.perf_counter() if self.timed else 0.0
+        sides = layer.eigen_sides
+        with torch.no_grad():  # cheaper than a dispatched .detach() (create_graph backward)
+            if sides is None:
+                total, count = layer.helper.output_stats(layer.module, g, self.variant)
+            elif sides[1]:
+                total, count = layer.helper.output_cov(layer.module, g)
+            else:
+                total, count = g.new_zeros(0, dtype=fn.stats_dtype(g.dtype)), 1.0
+        self._window(layer.name).add_s(total, count)
+        if self.timed:
+            self.seconds += time.perf_counter() - start
+
+    def _eigen_route(self, layer: BoundLayer, x: Tensor, output: Tensor) -> None:
+        """Full factors (``variant="eigen"``): ``x xᵀ`` now, ``G Gᵀ`` in the tensor hook."""
+        assert layer.eigen_sides is not None
+        with torch.no_grad():
+            if layer.eigen_sides[0]:
+                total, count = layer.helper.input_cov(layer.module, x)
+            else:
+                total, count = x.new_zeros(0, dtype=fn.stats_dtype(output.dtype)), 1.0
+        self._window(layer.name).add_h(total, count)
+        output.register_hook(functools.partial(self._on_grad, layer))
+
+    def _tensor_route(self, layer: BoundLayer, x: Tensor, output: Tensor) -> None:
+        """Diagonal statistics from ``x`` now (its small finishing ops may be left to
+        :func:`resolve`) and from ``G`` in a tensor hook on the output."""
+        with torch.no_grad():
+            total, count = layer.helper.input_stats_in_hook(layer.module, x, self.variant)
+        self._window(layer.name).add_h(total, count)
+        output.register_hook(functools.partial(self._on_grad, layer))
+
+    def _norm_kernel_route(self, layer: BoundLayer, x: Tensor, output: Tensor) -> None:
+        """A norm layer whose output comes from its kernel: ``h`` from the mean the kernel saved
+        and ``s`` from the bias gradient its backward computes, both finished in one batch by
+        :func:`resolve`; each falls back to the :meth:`_tensor_route` pass when unavailable."""
+        helper, module = layer.helper, layer.module
+        node = _norm_kernel_node(output)
+        shape = tuple(x.shape)
+        layout = helper.saved_mean_layout(module, shape) if node is not None and helper.h_from_saved_mean else None
+        mean = None if layout is None else _saved_mean(node, layout[0])
+        if mean is not None:
+            self._window(layer.name).add_h(NormPart(False, (mean, shape, layout[1])), 1.0)
+        else:
+            with torch.no_grad():
+                total, count = helper.input_stats_in_hook(module, x, self.variant)
+            self._window(layer.name).add_h(total, count)
+        slot = _bias_slot(node, module) if node is not None and helper.s_from_bias_grad else None
+        if slot is None:
+            output.register_hook(functools.partial(self._on_grad, layer))
+        else:
+            batch = output.shape[0] if output.dim() >= 2 else 1
+            node.register_hook(lambda grad_inputs, _: self._on_bias_grad(layer, slot, batch, grad_inputs))
+
+    def _on_bias_grad(self, layer: BoundLayer, slot: int, batch: int, grad_inputs: tuple[Tensor | None, ...]) -> None:
+        """``s`` from this call's bias gradient (a post-hook on the norm kernel's node), kept
+        for :func:`resolve`. Holding the gradient is safe: autograd hands it to AccumulateGrad,
+        which copies it (it steals a gradient only if nobody else holds it), and hooks must not
+        modify their argument in place (torch's hook contract)."""
+        grad_bias = grad_inputs[slot]
+        if grad_bias is None:  # a backward that does not reach the bias (autograd.grad)
+            return
+        helper = layer.helper
+        if helper.s_from_bias_grad_batched:
+            part: Part = NormPart(True, (grad_bias, batch))
+        else:
+            part = lambda: helper.output_stats_from_bias_grad(layer.module, grad_bias, batch)[0]  # noqa: E731
+        self._window(layer.name).add_s(part, 1.0)
