@@ -221,17 +221,22 @@ def rotate_out(update: Tensor, q_s: Tensor | None, q_h: Tensor | None) -> Tensor
 
 
 def eigen_adam_moments(
-    rotated: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
+    rotated: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step: int,
     beta1: float, beta2: float, eps: float,
-) -> Tensor:
-    """Adam's moments on the rotated gradient (in place) and the bias-corrected step
-    ``m̂ / (√v̂ + ε)`` in the eigenbasis."""
-    exp_avg.lerp_(rotated, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
-    correction1 = 1.0 - beta1**step
+) -> list[Tensor]:
+    """Adam's moments on the rotated gradients (in place) and the bias-corrected steps
+    ``m̂ / (√v̂ + ε)`` in the eigenbasis, for units that share a step count: multi-tensor
+    (``foreach``) ops, so the kernel launches do not grow with the number of units."""
+    torch._foreach_lerp_(exp_avgs, rotated, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, rotated, rotated, value=1.0 - beta2)
     root2 = math.sqrt(1.0 - beta2**step)
-    denom = (exp_avg_sq.sqrt() / root2).add_(eps)
-    return (exp_avg / correction1).div_(denom)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, root2)
+    torch._foreach_add_(denom, eps)
+    directions = torch._foreach_div(exp_avgs, 1.0 - beta1**step)
+    torch._foreach_div_(directions, denom)
+    return list(directions)
 
 
 def warn_eigh_failed(names: list[str]) -> None:

@@ -46,6 +46,17 @@ class GradientFactored:
     """Whether the column (``h``) and row (``s``) sides keep a full factor (within the limit)."""
 
 
+@dataclass(eq=False)
+class _Unit:
+    """One parameter preconditioned in an eigenbasis this step: a layer (its primary weight
+    holds the state) or a gradient-factored parameter."""
+
+    primary: Tensor
+    group: dict[str, Any]
+    layer: BoundLayer | None = None
+    factored: GradientFactored | None = None
+
+
 def matrix_shape(p: Tensor) -> tuple[int, int] | None:
     """``p``'s shape without singleton dims, if that is a matrix."""
     dims = [d for d in p.shape if d != 1]
@@ -192,29 +203,40 @@ class EigenbasisSteps:
 
     def _update_eigen(self) -> None:
         """One step of every parameter: Adam in the eigenbasis for layers and gradient-factored
-        parameters, Adam for the rest (per param group)."""
+        parameters, Adam for the rest (per param group).
+
+        A unit (a layer, or a gradient-factored parameter) rotates its gradient in, updates its
+        moments and rotates its step out. Where ``foreach`` is off (the CPU default) each unit
+        does all three before the next starts, so one unit's temporaries are alive at a time;
+        where it is on (the CUDA default) every unit is rotated in first, the moments of all
+        units are updated with multi-tensor ops, and the parameters are written with one op per
+        param group: a fixed number of kernel launches for the element-wise work, whatever the
+        unit count, for the temporaries of all units at once.
+        """
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         done: set[int] = set()
+        units: list[_Unit] = []
         if self._collector is not None:
             for layer in self._collector.layers:
                 roles = layer.params  # trained parameters only (filtered at attach)
                 done.update(id(p) for p in roles.values())
-                if not any(p.grad is not None for p in roles.values()):
-                    continue
-                grads = {role: self._decayed_grad(p, group_of[id(p)]) for role, p in roles.items()}
-                matrix = layer.helper.grad_matrix(layer.module, grads)
-                direction = self._eigen_direction(layer.primary, matrix, group_of[id(layer.primary)])
-                parts = layer.helper.split_matrix(layer.module, direction, roles)
-                for role, p in roles.items():
-                    if p.grad is not None:
-                        self._apply(p, parts[role], group_of[id(p)])
-        for unit in self._gradient_factored_params():
-            p = unit.param
-            done.add(id(p))
-            if p.grad is not None:
-                grad = self._decayed_grad(p, group_of[id(p)]).view(unit.shape)
-                direction = self._eigen_direction(p, grad, group_of[id(p)])
-                self._apply(p, direction.view(p.shape), group_of[id(p)])
+                if any(p.grad is not None for p in roles.values()):
+                    units.append(_Unit(layer.primary, group_of[id(layer.primary)], layer=layer))
+        for factored in self._gradient_factored_params():
+            done.add(id(factored.param))
+            if factored.param.grad is not None:
+                units.append(_Unit(factored.param, group_of[id(factored.param)], factored=factored))
+        applies: list[tuple[Tensor, Tensor, dict[str, Any]]] = []
+        batched = [u for u in units if self._use_foreach(u.group, u.primary)]
+        for unit in units:
+            if not self._use_foreach(unit.group, unit.primary):
+                (direction,) = self._moments([unit], [self._rotate_in(unit, group_of)])
+                self._rotate_out(unit, direction, group_of, applies)
+                self._apply(applies)
+        rotated = [self._rotate_in(unit, group_of) for unit in batched]
+        for unit, direction in zip(batched, self._moments(batched, rotated)):
+            self._rotate_out(unit, direction, group_of, applies)
+        self._apply(applies)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None and id(p) not in done]
             self._adam_step(group, params)
@@ -232,33 +254,89 @@ class EigenbasisSteps:
             grad = grad.add(p, alpha=group["weight_decay"])
         return grad.to(fn.stats_dtype(p.dtype))
 
-    def _eigen_direction(self, primary: Tensor, matrix: Tensor, group: dict[str, Any]) -> Tensor:
-        """Rotate in, update Adam's moments in the eigenbasis, rotate the step back (``group``:
-        the primary parameter's, whose ``beta``, ``beta2``, ``eps`` apply)."""
-        state = self.state[primary]
-        q_h, q_s = state.get(EIGENBASIS_H), state.get(EIGENBASIS_S)
-        rotated = eg.rotate_in(matrix, q_s, q_h)
+    def _rotate_in(self, unit: _Unit, group_of: dict[int, dict[str, Any]]) -> Tensor:
+        """``Q_Gᵀ ∇W Q_A`` of the unit's gradient matrix (its moments are created at its first
+        step, whose count this advances)."""
+        if unit.layer is not None:
+            layer = unit.layer
+            grads = {role: self._decayed_grad(p, group_of[id(p)]) for role, p in layer.params.items()}
+            matrix = layer.helper.grad_matrix(layer.module, grads)
+        else:
+            assert unit.factored is not None
+            matrix = self._decayed_grad(unit.primary, unit.group).view(unit.factored.shape)
+        state = self.state[unit.primary]
+        rotated = eg.rotate_in(matrix, state.get(EIGENBASIS_S), state.get(EIGENBASIS_H))
         if STEP not in state:
             state[STEP] = 0
             state[EIGEN_EXP_AVG] = torch.zeros_like(rotated)
             state[EIGEN_EXP_AVG_SQ] = torch.zeros_like(rotated)
         state[STEP] += 1
-        direction = eg.eigen_adam_moments(
-            rotated, state[EIGEN_EXP_AVG], state[EIGEN_EXP_AVG_SQ], state[STEP],
-            group["beta"], group["beta2"], group["eps"],
-        )
-        return eg.rotate_out(direction, q_s, q_h)
+        return rotated
 
-    def _apply(self, p: Tensor, direction: Tensor, group: dict[str, Any]) -> None:
-        lr, wd = group["lr"], group["weight_decay"]
-        if self._decoupled and wd != 0:
-            p.mul_(1.0 - lr * wd)
-        p.add_(direction.to(p.dtype), alpha=-lr)
+    def _moments(self, units: list[_Unit], rotated: list[Tensor]) -> list[Tensor]:
+        """:func:`eigen.eigen_adam_moments` over the units, in batches that share
+        hyper-parameters, step count, dtype and device; the steps in the units' order."""
+        directions: list[Tensor] = list(rotated)
+        batches: dict[tuple[Any, ...], list[int]] = {}
+        for i, (unit, r) in enumerate(zip(units, rotated)):
+            key = (unit.group["beta"], unit.group["beta2"], unit.group["eps"],
+                   self.state[unit.primary][STEP], r.dtype, r.device)
+            batches.setdefault(key, []).append(i)
+        for (beta1, beta2, eps, step, _, _), indices in batches.items():
+            states = [self.state[units[i].primary] for i in indices]
+            out = eg.eigen_adam_moments(
+                [rotated[i] for i in indices], [s[EIGEN_EXP_AVG] for s in states],
+                [s[EIGEN_EXP_AVG_SQ] for s in states], step, beta1, beta2, eps,
+            )
+            for i, direction in zip(indices, out):
+                directions[i] = direction
+        return directions
+
+    def _rotate_out(
+        self, unit: _Unit, direction: Tensor, group_of: dict[int, dict[str, Any]],
+        applies: list[tuple[Tensor, Tensor, dict[str, Any]]],
+    ) -> None:
+        """``Q_G U Q_Aᵀ``, split into the unit's parameters, appended to ``applies``."""
+        state = self.state[unit.primary]
+        step = eg.rotate_out(direction, state.get(EIGENBASIS_S), state.get(EIGENBASIS_H))
+        if unit.layer is not None:
+            layer = unit.layer
+            parts = layer.helper.split_matrix(layer.module, step, layer.params)
+            for role, p in layer.params.items():
+                if p.grad is not None:
+                    applies.append((p, parts[role], group_of[id(p)]))
+        else:
+            applies.append((unit.primary, step.view(unit.primary.shape), unit.group))
+
+    @staticmethod
+    def _use_foreach(group: dict[str, Any], p: Tensor) -> bool:
+        """The group's ``foreach``; ``None`` means on CUDA only, as torch's optimizers do."""
+        foreach = group.get("foreach")
+        return p.is_cuda if foreach is None else bool(foreach)
+
+    def _apply(self, applies: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> None:
+        """``p ← p·(1 − lr·wd) − lr·step`` (the decay only when decoupled) for every entry, one
+        multi-tensor op per param group, dtype and device; empties the list."""
+        batches: dict[tuple[Any, ...], list[tuple[Tensor, Tensor]]] = {}
+        groups: dict[int, dict[str, Any]] = {}
+        for p, step, group in applies:
+            groups[id(group)] = group
+            batches.setdefault((id(group), p.dtype, p.device), []).append((p, step.to(p.dtype)))
+        applies.clear()
+        for (gid, _, _), pairs in batches.items():
+            lr, wd = groups[gid]["lr"], groups[gid]["weight_decay"]
+            params = [p for p, _ in pairs]
+            if self._decoupled and wd != 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, [step for _, step in pairs], alpha=-lr)
 
     def _adam_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Adam (AdamW when decoupled) for the parameters without an eigenbasis."""
+        """Adam (AdamW when decoupled) for the parameters without an eigenbasis; with
+        ``foreach``, one multi-tensor op per line of the update for all parameters that share
+        step count, dtype and device."""
         beta1, beta2, eps = group["beta"], group["beta2"], group["eps"]
         lr, wd = group["lr"], group["weight_decay"]
+        batches: dict[tuple[Any, ...], list[Tensor]] = {}
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("AdaFisher does not support sparse gradients")
@@ -268,15 +346,26 @@ class EigenbasisSteps:
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state[STEP] += 1
-            g = torch.neg(p.grad) if group["maximize"] else p.grad
+            if not self._use_foreach(group, p):
+                batches.setdefault((None, id(p)), []).append(p)  # a batch of one
+            else:
+                batches.setdefault((state[STEP], p.dtype, p.device), []).append(p)
+        for ps in batches.values():
+            t = self.state[ps[0]][STEP]
+            gs = [p.grad for p in ps]
+            ms = [self.state[p][EXP_AVG] for p in ps]
+            vs = [self.state[p][EXP_AVG_SQ] for p in ps]
+            if group["maximize"]:
+                gs = list(torch._foreach_neg(gs))
             if wd != 0:
                 if self._decoupled:
-                    p.mul_(1.0 - lr * wd)
+                    torch._foreach_mul_(ps, 1.0 - lr * wd)
                 else:
-                    g = g.add(p, alpha=wd)
-            t = state[STEP]
-            m, v = state[EXP_AVG], state[EXP_AVG_SQ]
-            m.lerp_(g, 1.0 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / (1.0 - beta1**t))
+                    gs = list(torch._foreach_add(gs, ps, alpha=wd))
+            torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1.0 - beta1**t))
