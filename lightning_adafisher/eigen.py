@@ -40,7 +40,9 @@ __all__ = [
     "linear_output_cov",
     "conv2d_input_cov",
     "conv2d_output_cov",
+    "finite_units",
     "fold_covariance",
+    "fold_covariances",
     "eigenbasis",
     "change_basis",
     "rotate_in",
@@ -154,6 +156,28 @@ def conv2d_output_cov(g: Tensor) -> tuple[Tensor, float]:
 # --------------------------------------------------------------------------------------------
 # Folding and the eigenbasis
 # --------------------------------------------------------------------------------------------
+
+
+def finite_units(units: list[tuple[Tensor | None, Tensor | None]]) -> Tensor:
+    """Per unit ``(a, g)`` (``None``: a side without a factor, at least one side present),
+    whether every entry of its factors is finite: a bool vector on the first factor's device.
+    One multi-tensor max-norm over all factors (inf/NaN anywhere gives a non-finite max), then
+    one sum per unit of its two maxima: a fixed number of kernels whatever the unit count."""
+    present = [f for unit in units for f in unit if f is not None]
+    device = present[0].device
+    zero = present[0].new_zeros(1)
+    norms = torch._foreach_norm([f if f is not None else zero for unit in units for f in unit], float("inf"))
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    maxima = torch.stack([n.to(device=device, dtype=dtype) for n in norms]).view(len(units), 2)
+    return torch.isfinite(maxima.sum(1))
+
+
+def fold_covariances(olds: list[Tensor], news: list[Tensor], gamma: float, ok: list[Tensor]) -> list[Tensor]:
+    """:func:`fold_covariance` of factors that all have an old value, with multi-tensor ops for
+    the blend (``ok``: one 0-dim bool per factor)."""
+    blend = torch._foreach_mul(olds, gamma)
+    torch._foreach_add_(blend, torch._foreach_mul(news, 1.0 - gamma))
+    return [torch.where(flag, b, old) for flag, b, old in zip(ok, blend, olds)]
 
 
 def fold_covariance(old: Tensor | None, new: Tensor, gamma: float, ok: Tensor) -> Tensor:

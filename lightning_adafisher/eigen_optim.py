@@ -109,11 +109,12 @@ class EigenbasisSteps:
 
     def _fold_eigen(self, layers: list[BoundLayer], pending: dict[str, LayerStats]) -> None:
         """EMA of the full factors ``A`` (``factor_h``) and ``G`` (``factor_s``) of every layer
-        with statistics this step and of every gradient-factored parameter with a gradient."""
+        with statistics this step and of every gradient-factored parameter with a gradient; a
+        unit whose factors hold inf/NaN keeps its old ones (checked on the device, per unit)."""
         gamma_of = {id(p): group["gamma"] for group in self.param_groups for p in group["params"]}
         scale = self.statistics_grad_scale
         names: list[str] = []
-        flags: list[Tensor] = []
+        units: list[tuple[Tensor, Tensor | None, Tensor | None]] = []  # primary, A, G
         for layer in layers:
             stats = pending.get(layer.name)
             if stats is None or not stats.complete:
@@ -128,7 +129,7 @@ class EigenbasisSteps:
             if a is not None and n_h > self._eigen_columns(layer):  # frozen bias: drop its entry
                 a = a[:-1, :-1]
             g = g.view(n_s, n_s) if layer.eigen_sides[1] else None
-            flags.append(self._fold_pair(layer.primary, a, g, gamma_of[id(layer.primary)]))
+            units.append((layer.primary, a, g))
             names.append(layer.name)
         for unit in self._gradient_factored_params():
             grad = unit.param.grad
@@ -138,23 +139,40 @@ class EigenbasisSteps:
             with fn._autocast_off():
                 right = m.T @ m if unit.sides[0] else None  # E[∇Wᵀ∇W]: the column side
                 left = m @ m.T if unit.sides[1] else None  # E[∇W∇Wᵀ]: the row side
-            flags.append(self._fold_pair(unit.param, right, left, gamma_of[id(unit.param)]))
+            units.append((unit.param, right, left))
             names.append(unit.name)
-        self._report_skipped(names, flags)
+        if units:
+            ok = eg.finite_units([(a, g) for _, a, g in units])
+            self._fold_units(units, ok, gamma_of)
+            self._report_skipped(names, [ok])
+        else:
+            self._report_skipped(names, [])
         self._check_first_statistics(layers, names, "are trained by Adam in their own basis")
 
-    def _fold_pair(self, primary: Tensor, a: Tensor | None, g: Tensor | None, gamma: float) -> Tensor:
-        state = self.state[primary]
-        # one reduction per factor: a sum holding inf/NaN is not finite (an overflow of the sum
-        # itself, past 3e38, would mean statistics no fold should take either)
-        sums = [f.sum() for f in (a, g) if f is not None]  # at least one side is kept
-        ok = torch.isfinite(sums[0] + sums[1] if len(sums) == 2 else sums[0])
-        if a is not None:
-            state[FACTOR_H] = eg.fold_covariance(state.get(FACTOR_H), a, gamma, ok)
-        if g is not None:
-            state[FACTOR_S] = eg.fold_covariance(state.get(FACTOR_S), g, gamma, ok)
-        state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
-        return ok.reshape(1)
+    def _fold_units(
+        self, units: list[tuple[Tensor, Tensor | None, Tensor | None]], ok: Tensor,
+        gamma_of: dict[int, float],
+    ) -> None:
+        """Fold every unit's new factors into its state: the first ones as they are, the rest
+        as EMAs batched per ``gamma`` (:func:`eigen.fold_covariances`)."""
+        batches: dict[float, list[tuple[dict[str, Any], str, Tensor, Tensor]]] = {}
+        for i, (primary, a, g) in enumerate(units):
+            state = self.state[primary]
+            for key, new in ((FACTOR_H, a), (FACTOR_S, g)):
+                if new is None:
+                    continue
+                if key not in state:
+                    state[key] = eg.fold_covariance(None, new, gamma_of[id(primary)], ok[i])
+                else:
+                    batches.setdefault(gamma_of[id(primary)], []).append((state, key, new, ok[i]))
+            state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
+        for gamma, items in batches.items():
+            folded = eg.fold_covariances(
+                [state[key] for state, key, _, _ in items], [new for _, _, new, _ in items], gamma,
+                [flag for _, _, _, flag in items],
+            )
+            for (state, key, _, _), value in zip(items, folded):
+                state[key] = value
 
     @staticmethod
     def _eigen_columns(layer: BoundLayer) -> int:

@@ -251,24 +251,31 @@ def test_moment_is_re_expressed_when_the_basis_changes():
                                rtol=0, atol=1e-13)
 
 
-def test_non_finite_statistics_leave_factors_unchanged_and_warn():
+@pytest.mark.parametrize("side,poison", [("h_total", float("nan")), ("s_total", float("inf"))])
+def test_non_finite_statistics_leave_factors_unchanged_and_warn(side, poison):
     model = make_mixed()
     opt = _make(AdaFisherW, model, **HP)
     batches = _batches(2)
     _train(opt, model, batches[:1])
-    before = opt.state[model.proj.weight]["factor_h"].clone()
+    before = {
+        name: {key: opt.state[p][key].clone() for key in ("factor_h", "factor_s") if key in opt.state[p]}
+        for name, p in (("proj", model.proj.weight), ("conv", model.conv.weight))
+    }
     x, y = batches[1]
     opt.zero_grad()
     out = model(x)
     _loss(model, (x, y)).backward()
-    # poison this step's pending statistics of proj
+    # poison one side of this step's pending statistics of proj: both its factors stay
     opt.statistics_reducer = lambda layers, pending: {
-        name: stats._replace(h_total=stats.h_total * float("nan")) if name == "proj" else stats
+        name: stats._replace(**{side: getattr(stats, side) * poison}) if name == "proj" else stats
         for name, stats in pending.items()
     }
     with pytest.warns(UserWarning, match="not folded into the factors of proj"):
         opt.step()
-    assert torch.equal(opt.state[model.proj.weight]["factor_h"], before)
+    for key, value in before["proj"].items():
+        assert torch.equal(opt.state[model.proj.weight][key], value), key
+    for key, value in before["conv"].items():  # the other layers fold as usual
+        assert not torch.equal(opt.state[model.conv.weight][key], value), key
     assert opt.state["adafisher"]["skipped_statistics"] == {"proj": 1}
     del out
 
