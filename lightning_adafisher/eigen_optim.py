@@ -34,6 +34,19 @@ from lightning_adafisher.statistics import BoundLayer, LayerStats
 __all__ = ["EigenbasisSteps", "GradientFactored"]
 
 
+def _mean(total: Tensor, count: float | Tensor) -> tuple[Tensor, Tensor | None]:
+    """``total / count``, and for a count on the device (pooled over ranks, not read back)
+    whether it is positive (a zero count divides by one instead: the fold keeps the factor).
+
+    On CUDA a division by a Python number multiplies by its reciprocal; a device count does the
+    same, so the result is bitwise that of dividing by the same count read back to the host."""
+    if not isinstance(count, Tensor):
+        return total / count, None
+    present = count > 0
+    divisor = torch.where(present, count, 1.0).to(total.dtype)
+    return (total * divisor.reciprocal() if total.is_cuda else total / divisor), present
+
+
 @dataclass(eq=False)
 class GradientFactored:
     """A parameter preconditioned in the eigenbasis of its own gradient's factors."""
@@ -96,20 +109,22 @@ class EigenbasisSteps:
 
     # --- fold ------------------------------------------------------------------------------
 
-    def _fold_eigen(self, layers: list[BoundLayer], pending: dict[str, LayerStats]) -> None:
+    def _fold_eigen(
+        self, layers: list[BoundLayer], folded: list[tuple[BoundLayer, LayerStats, bool]]
+    ) -> None:
         """EMA of the full factors ``A`` (``factor_h``) and ``G`` (``factor_s``) of every layer
-        with statistics this step and of every gradient-factored parameter with a gradient."""
+        in ``folded`` (:meth:`AdaFisher._layers_to_fold`) and of every gradient-factored
+        parameter with a gradient."""
         gamma_of = {id(p): group["gamma"] for group in self.param_groups for p in group["params"]}
         scale = self.statistics_grad_scale
         names: list[str] = []
+        counted_names: list[str] = []
         flags: list[Tensor] = []
-        for layer in layers:
-            stats = pending.get(layer.name)
-            if stats is None or not stats.complete:
-                continue
+        for layer, stats, counted in folded:
             assert stats.h_total is not None and stats.s_total is not None and layer.eigen_sides
-            a = stats.h_total / stats.h_count
-            g = stats.s_total / stats.s_count
+            a, h_present = _mean(stats.h_total, stats.h_count)
+            g, s_present = _mean(stats.s_total, stats.s_count)
+            present = None if h_present is None or s_present is None else h_present & s_present
             if isinstance(scale, Tensor) or scale != 1.0:
                 g = g / (scale * scale)
             n_h, n_s = layer.helper.factor_sizes(layer.module)
@@ -117,8 +132,10 @@ class EigenbasisSteps:
             if a is not None and n_h > self._eigen_columns(layer):  # frozen bias: drop its entry
                 a = a[:-1, :-1]
             g = g.view(n_s, n_s) if layer.eigen_sides[1] else None
-            flags.append(self._fold_pair(layer.primary, a, g, gamma_of[id(layer.primary)]))
+            flags.append(self._fold_pair(layer.primary, a, g, gamma_of[id(layer.primary)], present, counted))
             names.append(layer.name)
+            if counted:
+                counted_names.append(layer.name)
         for unit in self._gradient_factored_params():
             grad = unit.param.grad
             if grad is None:
@@ -130,19 +147,27 @@ class EigenbasisSteps:
             flags.append(self._fold_pair(unit.param, right, left, gamma_of[id(unit.param)]))
             names.append(unit.name)
         self._report_skipped(names, flags)
-        self._check_first_statistics(layers, names, "are trained by Adam in their own basis")
+        self._check_first_statistics(layers, counted_names, "are trained by Adam in their own basis")
 
-    def _fold_pair(self, primary: Tensor, a: Tensor | None, g: Tensor | None, gamma: float) -> Tensor:
+    def _fold_pair(
+        self, primary: Tensor, a: Tensor | None, g: Tensor | None, gamma: float,
+        present: Tensor | None = None, counted: bool = True,
+    ) -> Tensor:
+        """Fold one unit's factors; returns whether its statistics were finite. ``present`` (a
+        0-dim bool tensor, counts on the device): where false the factors stay as they are.
+        ``counted``: add one to ``factor_updates``."""
         state = self.state[primary]
         # one reduction per factor: a sum holding inf/NaN is not finite (an overflow of the sum
         # itself, past 3e38, would mean statistics no fold should take either)
         sums = [f.sum() for f in (a, g) if f is not None]  # at least one side is kept
         ok = torch.isfinite(sums[0] + sums[1] if len(sums) == 2 else sums[0])
+        fold = ok if present is None else ok & present
         if a is not None:
-            state[FACTOR_H] = eg.fold_covariance(state.get(FACTOR_H), a, gamma, ok)
+            state[FACTOR_H] = eg.fold_covariance(state.get(FACTOR_H), a, gamma, fold)
         if g is not None:
-            state[FACTOR_S] = eg.fold_covariance(state.get(FACTOR_S), g, gamma, ok)
-        state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
+            state[FACTOR_S] = eg.fold_covariance(state.get(FACTOR_S), g, gamma, fold)
+        if counted:
+            state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
         return ok.reshape(1)
 
     @staticmethod
