@@ -148,6 +148,26 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError("Invalid fused: True is not supported with variant='eigen'")
 
 
+def _divisors(
+    pieces: fn.Segments, counts: list[float | Tensor], dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Every element's count, for a flat fold ``[h₁, s₁, h₂, s₂, ...]``, and per layer whether
+    both its counts are positive (``None`` for host counts, which the caller already checked).
+
+    Counts on the device (pooled over data-parallel ranks) are not read back: a zero count is
+    replaced by one (the layer's totals are zeros too) and the layer is masked out of the fold.
+    A positive count is used as it is, so the quotient is bitwise the host count's.
+    """
+    if not any(isinstance(c, Tensor) for c in counts):
+        return pieces.constants(counts, dtype), None  # type: ignore[arg-type]
+    per_piece = torch.stack([
+        c.to(device=pieces.device, dtype=dtype) if isinstance(c, Tensor)
+        else torch.tensor(c, dtype=dtype).to(pieces.device, non_blocking=True) for c in counts
+    ])
+    positive = per_piece > 0
+    return pieces.spread(torch.where(positive, per_piece, 1.0)), positive.view(-1, 2).all(1)
+
+
 class AdaFisher(EigenbasisSteps, Optimizer):
     r"""AdaFisher: Adam preconditioned by AdaFisher's Kronecker-factored Fisher.
 
@@ -619,17 +639,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             first += [new_layer, new_layer]
             gammas += [gamma_of[id(layer.primary)]] * 2
         pieces, per_layer = self._segments_for(tuple(t.numel() for t in totals), device)
-        present = None
-        if any(isinstance(c, Tensor) for c in counts):  # pooled on the device: not read back
-            per_piece = torch.stack([
-                c.to(device=device, dtype=dtype) if isinstance(c, Tensor)
-                else torch.tensor(c, dtype=dtype).to(device, non_blocking=True) for c in counts
-            ])
-            positive = per_piece > 0
-            present = positive.view(-1, 2).all(1)
-            divisor = pieces.spread(torch.where(positive, per_piece, 1.0))
-        else:
-            divisor = pieces.constants(counts, dtype)
+        divisor, present = _divisors(pieces, counts, dtype)
         stat = torch.cat(totals).to(dtype) / divisor
         scale = self.statistics_grad_scale
         if isinstance(scale, Tensor) or scale != 1.0:
