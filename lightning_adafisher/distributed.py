@@ -6,7 +6,8 @@ rank): every layer's ``h_total (len H), s_total (len S)`` in layer order, then e
 ``h_count, s_count``. A layer that a rank did not use contributes zeros, so no rank waits for a
 collective the others skip and the pooled mean ``Σ totals / Σ counts`` only counts ranks that
 saw the layer. The counts travel as one tensor made on the host (one copy to the device, not
-one small op per layer).
+one small op per layer) and come back as device tensors: nothing is read back to the host, and
+which layers are folded is decided from what the host already knows (docs/numerics.md).
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ def pack(
 
 
 def unpack(layers: list[BoundLayer], buffer: Tensor) -> dict[str, LayerStats]:
-    """Inverse of :func:`pack`; layers with a zero count on every rank are left out.
+    """Inverse of :func:`pack`, for every layer: totals and counts are views of ``buffer``.
 
-    Counts are read on the host: they are shape-derived integers, and the fold needs them as
-    divisors. This is one small device-to-host copy per statistics step.
+    The counts stay on the device as 0-dim tensors (nothing is read back to the host): a layer
+    whose count is zero on every rank comes back with zero totals and zero counts, and the fold
+    leaves its factors exactly as they were (:meth:`AdaFisher._fold`).
     """
     sizes = [n for layer in layers for n in layer.sizes]
     expected = sum(sizes) + len(sizes)
@@ -67,14 +69,12 @@ def unpack(layers: list[BoundLayer], buffer: Tensor) -> dict[str, LayerStats]:
             f"statistics buffer has {buffer.numel()} entries, the layout expects {expected}: "
             "the ranks do not hold the same model"
         )
-    counts = buffer[expected - len(sizes) :].tolist()
+    counts = buffer[expected - len(sizes) :].unbind()
     parts = buffer[: expected - len(sizes)].split(sizes)
-    pending: dict[str, LayerStats] = {}
-    for k, layer in enumerate(layers):
-        h_count, s_count = counts[2 * k], counts[2 * k + 1]
-        if h_count > 0 and s_count > 0:
-            pending[layer.name] = LayerStats(parts[2 * k], h_count, parts[2 * k + 1], s_count)
-    return pending
+    return {
+        layer.name: LayerStats(parts[2 * k], counts[2 * k], parts[2 * k + 1], counts[2 * k + 1])
+        for k, layer in enumerate(layers)
+    }
 
 
 def make_reducer(

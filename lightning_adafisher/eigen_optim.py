@@ -34,6 +34,19 @@ from lightning_adafisher.statistics import BoundLayer, LayerStats
 __all__ = ["EigenbasisSteps", "GradientFactored"]
 
 
+def _mean(total: Tensor, count: float | Tensor) -> tuple[Tensor, Tensor | None]:
+    """``total / count``, and for a count on the device (pooled over ranks, not read back)
+    whether it is positive (a zero count divides by one instead: the fold keeps the factor).
+
+    On CUDA a division by a Python number multiplies by its reciprocal; a device count does the
+    same, so the result is bitwise that of dividing by the same count read back to the host."""
+    if not isinstance(count, Tensor):
+        return total / count, None
+    present = count > 0
+    divisor = torch.where(present, count, 1.0).to(total.dtype)
+    return (total * divisor.reciprocal() if total.is_cuda else total / divisor), present
+
+
 @dataclass(eq=False)
 class GradientFactored:
     """A parameter preconditioned in the eigenbasis of its own gradient's factors."""
@@ -55,6 +68,19 @@ class _Unit:
     group: dict[str, Any]
     layer: BoundLayer | None = None
     factored: GradientFactored | None = None
+
+
+@dataclass(eq=False)
+class _FoldUnit:
+    """One unit's new factors this statistics step (``None``: a side kept diagonal)."""
+
+    primary: Tensor
+    a: Tensor | None
+    g: Tensor | None
+    present: Tensor | None = None
+    """0-dim bool on the device when the counts live there: whether there were statistics."""
+    counted: bool = True
+    """Whether this fold adds one to ``factor_updates``."""
 
 
 def matrix_shape(p: Tensor) -> tuple[int, int] | None:
@@ -107,21 +133,23 @@ class EigenbasisSteps:
 
     # --- fold ------------------------------------------------------------------------------
 
-    def _fold_eigen(self, layers: list[BoundLayer], pending: dict[str, LayerStats]) -> None:
+    def _fold_eigen(
+        self, layers: list[BoundLayer], folded: list[tuple[BoundLayer, LayerStats, bool]]
+    ) -> None:
         """EMA of the full factors ``A`` (``factor_h``) and ``G`` (``factor_s``) of every layer
-        with statistics this step and of every gradient-factored parameter with a gradient; a
-        unit whose factors hold inf/NaN keeps its old ones (checked on the device, per unit)."""
+        in ``folded`` (:meth:`AdaFisher._layers_to_fold`) and of every gradient-factored
+        parameter with a gradient; a unit whose factors hold inf/NaN keeps its old ones (checked
+        on the device, all units in one multi-tensor reduction)."""
         gamma_of = {id(p): group["gamma"] for group in self.param_groups for p in group["params"]}
         scale = self.statistics_grad_scale
         names: list[str] = []
-        units: list[tuple[Tensor, Tensor | None, Tensor | None]] = []  # primary, A, G
-        for layer in layers:
-            stats = pending.get(layer.name)
-            if stats is None or not stats.complete:
-                continue
+        counted_names: list[str] = []
+        units: list[_FoldUnit] = []
+        for layer, stats, counted in folded:
             assert stats.h_total is not None and stats.s_total is not None and layer.eigen_sides
-            a = stats.h_total / stats.h_count
-            g = stats.s_total / stats.s_count
+            a, h_present = _mean(stats.h_total, stats.h_count)
+            g, s_present = _mean(stats.s_total, stats.s_count)
+            present = None if h_present is None or s_present is None else h_present & s_present
             if isinstance(scale, Tensor) or scale != 1.0:
                 g = g / (scale * scale)
             n_h, n_s = layer.helper.factor_sizes(layer.module)
@@ -129,8 +157,10 @@ class EigenbasisSteps:
             if a is not None and n_h > self._eigen_columns(layer):  # frozen bias: drop its entry
                 a = a[:-1, :-1]
             g = g.view(n_s, n_s) if layer.eigen_sides[1] else None
-            units.append((layer.primary, a, g))
+            units.append(_FoldUnit(layer.primary, a, g, present, counted))
             names.append(layer.name)
+            if counted:
+                counted_names.append(layer.name)
         for unit in self._gradient_factored_params():
             grad = unit.param.grad
             if grad is None:
@@ -139,33 +169,34 @@ class EigenbasisSteps:
             with fn._autocast_off():
                 right = m.T @ m if unit.sides[0] else None  # E[∇Wᵀ∇W]: the column side
                 left = m @ m.T if unit.sides[1] else None  # E[∇W∇Wᵀ]: the row side
-            units.append((unit.param, right, left))
+            units.append(_FoldUnit(unit.param, right, left))
             names.append(unit.name)
         if units:
-            ok = eg.finite_units([(a, g) for _, a, g in units])
+            ok = eg.finite_units([(u.a, u.g) for u in units])
             self._fold_units(units, ok, gamma_of)
             self._report_skipped(names, [ok])
         else:
             self._report_skipped(names, [])
-        self._check_first_statistics(layers, names, "are trained by Adam in their own basis")
+        self._check_first_statistics(layers, counted_names, "are trained by Adam in their own basis")
 
-    def _fold_units(
-        self, units: list[tuple[Tensor, Tensor | None, Tensor | None]], ok: Tensor,
-        gamma_of: dict[int, float],
-    ) -> None:
+    def _fold_units(self, units: list[_FoldUnit], ok: Tensor, gamma_of: dict[int, float]) -> None:
         """Fold every unit's new factors into its state: the first ones as they are, the rest
-        as EMAs batched per ``gamma`` (:func:`eigen.fold_covariances`)."""
+        as EMAs batched per ``gamma`` (:func:`eigen.fold_covariances`). A unit folds where its
+        factors are finite (``ok``) and, with device counts, where it had statistics at all."""
         batches: dict[float, list[tuple[dict[str, Any], str, Tensor, Tensor]]] = {}
-        for i, (primary, a, g) in enumerate(units):
-            state = self.state[primary]
-            for key, new in ((FACTOR_H, a), (FACTOR_S, g)):
+        for i, unit in enumerate(units):
+            state = self.state[unit.primary]
+            gamma = gamma_of[id(unit.primary)]
+            flag = ok[i] if unit.present is None else ok[i] & unit.present
+            for key, new in ((FACTOR_H, unit.a), (FACTOR_S, unit.g)):
                 if new is None:
                     continue
                 if key not in state:
-                    state[key] = eg.fold_covariance(None, new, gamma_of[id(primary)], ok[i])
+                    state[key] = eg.fold_covariance(None, new, gamma, flag)
                 else:
-                    batches.setdefault(gamma_of[id(primary)], []).append((state, key, new, ok[i]))
-            state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
+                    batches.setdefault(gamma, []).append((state, key, new, flag))
+            if unit.counted:
+                state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
         for gamma, items in batches.items():
             folded = eg.fold_covariances(
                 [state[key] for state, key, _, _ in items], [new for _, _, new, _ in items], gamma,

@@ -169,7 +169,8 @@ def statistics_reducer(optimizer: Any) -> Callable[..., Any] | None:
     """A statistics reducer over the data-parallel mesh of ``optimizer``'s sharded parameters
     (``None`` when none is sharded): set it as ``optimizer.statistics_reducer`` when using
     ``fully_shard`` without Lightning. FSDP2 averages gradients over that mesh as DDP does, so
-    ``s`` is scaled exactly as under DDP."""
+    ``s`` is scaled exactly as under DDP, and the pooled counts likewise stay on the device
+    (:func:`lightning_adafisher.distributed.unpack`)."""
     from lightning_adafisher.distributed import make_reducer, torch_distributed_all_reduce_sum
 
     sharded = [p for group in optimizer.param_groups for p in group["params"] if is_sharded(p)]

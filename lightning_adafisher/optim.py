@@ -148,6 +148,26 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError("Invalid fused: True is not supported with variant='eigen'")
 
 
+def _divisors(
+    pieces: fn.Segments, counts: list[float | Tensor], dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Every element's count, for a flat fold ``[h₁, s₁, h₂, s₂, ...]``, and per layer whether
+    both its counts are positive (``None`` for host counts, which the caller already checked).
+
+    Counts on the device (pooled over data-parallel ranks) are not read back: a zero count is
+    replaced by one (the layer's totals are zeros too) and the layer is masked out of the fold.
+    A positive count is used as it is, so the quotient is bitwise the host count's.
+    """
+    if not any(isinstance(c, Tensor) for c in counts):
+        return pieces.constants(counts, dtype), None  # type: ignore[arg-type]
+    per_piece = torch.stack([
+        c.to(device=pieces.device, dtype=dtype) if isinstance(c, Tensor)
+        else torch.tensor(c, dtype=dtype).to(pieces.device, non_blocking=True) for c in counts
+    ])
+    positive = per_piece > 0
+    return pieces.spread(torch.where(positive, per_piece, 1.0)), positive.view(-1, 2).all(1)
+
+
 class AdaFisher(EigenbasisSteps, Optimizer):
     r"""AdaFisher: Adam preconditioned by AdaFisher's Kronecker-factored Fisher.
 
@@ -467,7 +487,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if self._collector is None:
             self._warn_unattached()
             if eigen and self._is_statistics_step(t):
-                self._fold_eigen([], {})  # gradient-factored parameters only
+                self._fold_eigen([], [])  # gradient-factored parameters only
         elif self._is_statistics_step(t):
             self._fold(self._collector.consume())
         else:
@@ -522,18 +542,17 @@ class AdaFisher(EigenbasisSteps, Optimizer):
     def _fold(self, pending: dict[str, LayerStats]) -> None:
         assert self._collector is not None
         layers = self._collector.layers
+        local = {name for name, stats in pending.items() if stats.complete}  # host counts
         if self.statistics_reducer is not None:
             pending = self.statistics_reducer(layers, pending)
+        folded = self._layers_to_fold(layers, local, pending)
         if self.variant == "eigen":
-            self._fold_eigen(layers, pending)
+            self._fold_eigen(layers, folded)
             return
         # One pass over the groups per statistics step, not one scan per layer.
         gamma_of = {id(p): group["gamma"] for group in self.param_groups for p in group["params"]}
         batches: dict[tuple[torch.device, torch.dtype], list[tuple[BoundLayer, LayerStats]]] = {}
-        for layer in layers:
-            stats = pending.get(layer.name)
-            if stats is None or not stats.complete:
-                continue
+        for layer, stats, _ in folded:
             assert stats.h_total is not None and stats.s_total is not None
             key = (stats.h_total.device, torch.promote_types(stats.h_total.dtype, stats.s_total.dtype))
             batches.setdefault(key, []).append((layer, stats))
@@ -543,7 +562,44 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             flags.append(self._fold_batch(batch, device, dtype, gamma_of))
             names += [layer.name for layer, _ in batch]
         self._report_skipped(names, flags)
-        self._check_first_statistics(layers, names, "keep the identity")
+        self._check_first_statistics(layers, self._count_folds(folded), "keep the identity")
+
+    def _layers_to_fold(
+        self, layers: list[BoundLayer], local: set[str], pending: dict[str, LayerStats]
+    ) -> list[tuple[BoundLayer, LayerStats, bool]]:
+        """The layers this statistics step folds, in layer order, each with whether the host
+        counts it as folded (``factor_updates``, the first-statistics warning).
+
+        Host counts (no reducer): the layers with both counts positive, all counted. Counts on
+        the device (pooled over data-parallel ranks, never read back): the layers with local
+        statistics (``local``; their pooled counts are positive), counted, and the layers that
+        already hold factors, not counted: the fold takes their pooled statistics where the
+        pooled counts are positive and leaves their factors exactly as they are where they are
+        zero (docs/numerics.md, "Pooling").
+        """
+        out: list[tuple[BoundLayer, LayerStats, bool]] = []
+        for layer in layers:
+            stats = pending.get(layer.name)
+            if stats is None:
+                continue
+            if not isinstance(stats.h_count, Tensor) and not isinstance(stats.s_count, Tensor):
+                if stats.complete:
+                    out.append((layer, stats, True))
+            elif layer.name in local:
+                out.append((layer, stats, True))
+            elif FACTOR_H in self.state.get(layer.primary, {}) or FACTOR_S in self.state.get(layer.primary, {}):
+                out.append((layer, stats, False))
+        return out
+
+    def _count_folds(self, folded: list[tuple[BoundLayer, LayerStats, bool]]) -> list[str]:
+        """Add one to ``factor_updates`` of every counted layer; returns their names."""
+        names = []
+        for layer, _, counted in folded:
+            if counted:
+                state = self.state[layer.primary]
+                state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
+                names.append(layer.name)
+        return names
 
     def _check_first_statistics(self, layers: list[BoundLayer], names: list[str], meanwhile: str) -> None:
         """Warn once, on the first statistics step, naming the layers that got none."""
@@ -564,9 +620,11 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         dtype: torch.dtype, gamma_of: dict[int, float],
     ) -> Tensor:
         """Fold the statistics of layers on one device and dtype as one flat vector
-        ``[h₁, s₁, h₂, s₂, ...]`` (:class:`functional.Segments`); returns per-layer ``ok``."""
+        ``[h₁, s₁, h₂, s₂, ...]`` (:class:`functional.Segments`); returns per layer whether its
+        statistics were finite (``False``: left out and reported). Counts on the device: a layer
+        whose counts are not both positive keeps its factors exactly."""
         totals: list[Tensor] = []
-        counts: list[float] = []
+        counts: list[float | Tensor] = []
         old: list[Tensor] = []
         first: list[bool] = []
         gammas: list[float] = []
@@ -581,13 +639,14 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             first += [new_layer, new_layer]
             gammas += [gamma_of[id(layer.primary)]] * 2
         pieces, per_layer = self._segments_for(tuple(t.numel() for t in totals), device)
-        stat = torch.cat(totals).to(dtype) / pieces.constants(counts, dtype)
+        divisor, present = _divisors(pieces, counts, dtype)
+        stat = torch.cat(totals).to(dtype) / divisor
         scale = self.statistics_grad_scale
         if isinstance(scale, Tensor) or scale != 1.0:
             is_s = pieces.constants([False, True] * len(batch), torch.bool)
             stat = torch.where(is_s, stat / (scale * scale), stat)
         ok_layer = ~per_layer.any(fn.unfoldable(self.variant, stat))
-        ok = per_layer.spread(ok_layer)
+        ok = per_layer.spread(ok_layer if present is None else ok_layer & present)
         factor = torch.cat(old).to(dtype)
         if self.variant == "paper":
             starts = pieces.constants(first, torch.bool) if any(first) else None
@@ -599,7 +658,6 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         for k, (layer, _) in enumerate(batch):
             state = self.state[layer.primary]
             state[FACTOR_H], state[FACTOR_S] = parts[2 * k], parts[2 * k + 1]
-            state[FACTOR_UPDATES] = state.get(FACTOR_UPDATES, 0) + 1
             self._normalised[id(layer.primary)] = (norm_parts[2 * k], norm_parts[2 * k + 1])
         return ok_layer
 

@@ -95,15 +95,19 @@ Part = Tensor | Callable[[], Tensor] | NormPart
 
 
 class LayerStats(NamedTuple):
-    """One layer's statistics pooled over a window: ``h = h_total / h_count`` (same for ``s``)."""
+    """One layer's statistics pooled over a window: ``h = h_total / h_count`` (same for ``s``).
+
+    Counts are Python floats from the collector; after a data-parallel reducer they are 0-dim
+    device tensors (pooled over the ranks, never read back to the host)."""
 
     h_total: Tensor | None
-    h_count: float
+    h_count: float | Tensor
     s_total: Tensor | None
-    s_count: float
+    s_count: float | Tensor
 
     @property
     def complete(self) -> bool:
+        """Both sides counted (host counts only: on device counts this would read them back)."""
         return self.h_count > 0 and self.s_count > 0
 
 

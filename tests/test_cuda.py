@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_adafisher import AdaFisher, AdaFisherW
+from lightning_adafisher.distributed import make_reducer
 from lightning_adafisher.state_keys import FACTOR_H, FACTOR_S
 from tests.conftest import make_mixed
 from tests.test_optim import _HostReads
@@ -162,17 +163,21 @@ class _HostNet(nn.Module):
         return self.head(torch.tanh(self.ln(self.proj(tokens)))).mean(1)
 
 
+@pytest.mark.parametrize("reducer", [None, "ddp"])
 @pytest.mark.parametrize("variant", ["paper", "eigen"])
-def test_hooks_and_step_on_device_read_nothing_back(variant):
+def test_hooks_and_step_on_device_read_nothing_back(variant, reducer):
     """Statistics every step, the skip check deferred (the CUDA default; set on CPU to check
     the same route): after the first step, which builds shape-keyed constants (and for eigen
     checks its first eigenbasis on the host), neither the hooks nor the step reads device data
-    back to the host."""
+    back to the host; with the data-parallel reducer (a fake sum over two ranks) neither does
+    the pooling of the statistics."""
     torch.manual_seed(0)
     model = _HostNet().to(DEVICE)
     hp = EIGEN_HP if variant == "eigen" else HP
     opt = AdaFisherW(model, variant=variant, update_interval=1, weight_decay=0.1, **hp)
     opt.defer_skip_check = True
+    if reducer == "ddp":
+        opt.statistics_reducer = make_reducer(lambda t: t + t, torch.device(DEVICE), world_size=2)
     expected = 6 if variant == "paper" else 3  # eigen: conv, proj, head (no norm/embedding factors)
     assert len(opt.collector.layers) == expected
     g = torch.Generator().manual_seed(1)
@@ -188,6 +193,49 @@ def test_hooks_and_step_on_device_read_nothing_back(variant):
             continue  # the first basis (eigh of the first factors) is checked on the host, once
         assert reads.count == 0, (k, reads.ops)
     assert len(_factors(opt)) == expected
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference", "eigen"])
+def test_counts_pooled_on_device_fold_bitwise_as_host_counts(variant):
+    """The reducer's counts stay on the device; dividing by them (the eigen variant: by their
+    reciprocal, as a division by a host number does on CUDA) folds bitwise as the host counts
+    do. A one-rank all-reduce against no reducer, Linear layers only (deterministic kernels);
+    ``b`` runs in some steps only, and keeps its factors bit for bit in the others."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x, use_b):
+            return self.head(torch.tanh(self.a(x) + (self.b(x) if use_b else 0.0)))
+
+    def train(reducer):
+        torch.manual_seed(0)
+        model = Two().to(DEVICE)
+        hp = dict(EIGEN_HP, eigen_interval=1) if variant == "eigen" else HP
+        opt = _quiet(lambda: AdaFisherW(model, variant=variant, weight_decay=0.05, **hp))
+        opt.statistics_reducer = reducer
+        g = torch.Generator().manual_seed(3)
+        seen = []
+        for use_b in (True, False, True, False):
+            x = torch.randn(6, 5, generator=g).to(DEVICE)
+            opt.zero_grad()
+            model(x, use_b).square().mean().backward()
+            opt.step()
+            seen.append([opt.state[model.b.weight][k].clone() for k in (FACTOR_H, FACTOR_S)])
+        return model, _factors(opt), seen
+
+    host_model, host, host_b = train(None)
+    model, pooled, pooled_b = train(make_reducer(lambda t: t, torch.device(DEVICE), world_size=1))
+    assert host.keys() == pooled.keys() == {"a", "b", "head"}
+    for name in host:
+        for x, y in zip(host[name], pooled[name]):
+            assert torch.equal(x, y), name
+    for p, q in zip(host_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    for k in range(2):
+        assert torch.equal(pooled_b[1][k], pooled_b[0][k]) and torch.equal(pooled_b[3][k], pooled_b[2][k])
 
 
 # --- d. non-finite statistics on the device ---------------------------------------------------

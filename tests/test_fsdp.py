@@ -221,3 +221,15 @@ def test_model_parallel_strategy_without_fully_shard_is_refused():
     with pytest.raises(MisconfigurationException, match="needs the model sharded by FSDP2: apply torch.distributed.fsdp.fully_shard"):
         AdaFisherCallback().on_fit_start(trainer, model)
     assert opt.collector is None  # refused before attaching
+
+
+@pytest.mark.distributed
+def test_fsdp2_step_reads_nothing_back_with_the_reducer(tmp_path):
+    """Two gloo ranks, the FSDP2 reducer (one all-reduce of statistics and counts): after the
+    first step, no ``optimizer.step()`` reads anything back to the host on either rank (the
+    pooled counts stay where the all-reduce left them)."""
+    _torchrun(tmp_path, "--count-host-reads", "--steps", "3")
+    for rank in (0, 1):
+        reads = json.loads((tmp_path / f"reads{rank}.json").read_text())
+        assert len(reads) == 3
+        assert [count for count, _ in reads[1:]] == [0, 0], reads

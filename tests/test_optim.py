@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_adafisher import AdaFisher, AdaFisherW
+from lightning_adafisher.distributed import make_reducer
 from tests.conftest import make_mixed
 from tests.reference import ReferenceAdaFisher
 
@@ -417,8 +418,9 @@ def test_channels_last_weights_take_the_materialised_path_with_the_same_numbers(
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts ops that read device data back to the host: tensor → Python scalar conversions
     (.item(), bool(), float()) and ops whose output shape depends on the data (bincount,
-    nonzero, masked_select: sized from a value read back). On an accelerator each one waits
-    for the device."""
+    nonzero, masked_select: sized from a value read back), and ``Tensor.tolist()``, which copies
+    every element to the host without dispatching a scalar read. On an accelerator each one
+    waits for the device."""
 
     SYNCING_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
@@ -427,11 +429,36 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         self.tags = self.SYNCING_TAGS if shapes_from_data else self.SYNCING_TAGS[:1]
         self.count = 0
         self.ops: list[str] = []
+        self._lists = _ListReads(self)
+
+    def __enter__(self):
+        self._lists.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._lists.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(tag in func.tags for tag in self.tags):
             self.count += 1
             self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _ListReads(torch.overrides.TorchFunctionMode):
+    """``Tensor.tolist()`` calls, counted into a :class:`_HostReads`."""
+
+    def __init__(self, reads: _HostReads) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist:
+            self.reads.count += 1
+            self.reads.ops.append("Tensor.tolist")
         return func(*args, **(kwargs or {}))
 
 
@@ -458,17 +485,22 @@ def _token_batches(n, seed=1):
     return [(torch.randint(0, 11, (4, 7), generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
 
 
+@pytest.mark.parametrize("reducer", [None, "ddp"])
 @pytest.mark.parametrize("net", ["mixed", "tokens"])
-def test_hooks_and_step_read_nothing_back_from_the_device(net):
+def test_hooks_and_step_read_nothing_back_from_the_device(net, reducer):
     """With the skip check deferred (the CUDA default), neither the statistics hooks nor the
     step (fold + update) read anything back from the device: conv, BatchNorm, Linear on
-    tokens, LayerNorm, a raw Parameter; Embedding and Conv1D."""
+    tokens, LayerNorm, a raw Parameter; Embedding and Conv1D. With the data-parallel reducer
+    (DDP's, and FSDP2's, which is the same with another all-reduce; here a fake sum over two
+    ranks) the pooled counts stay on the device too."""
     torch.manual_seed(0)
     model, batches = (make_mixed(), _batches(3)) if net == "mixed" else (_TokenNet().double(), _token_batches(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = AdaFisherW(model, weight_decay=0.1, variant="paper", **HP)
     opt.defer_skip_check = True
+    if reducer == "ddp":
+        opt.statistics_reducer = make_reducer(lambda t: t + t, torch.device("cpu"), world_size=2)
     assert len(opt.collector.layers) == (6 if net == "mixed" else 4)
     for k, (x, y) in enumerate(batches):
         opt.zero_grad()

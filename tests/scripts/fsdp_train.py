@@ -3,7 +3,8 @@
 ``torchrun --nproc-per-node=2 fsdp_train.py OUT [--update-interval K] [--accumulate A]``: each
 optimizer step, rank r of W takes its contiguous 1/W of every micro-batch of :func:`batches`;
 rank 0 writes the whole parameters (``params.pt``) and every rank its optimizer state bytes
-(``bytes{rank}.json``). ``--variant eigen`` and ``--mesh-2d`` must fail: rank 0 writes the message to ``error.txt``.
+(``bytes{rank}.json``); ``--count-host-reads``: every rank also the host reads of each
+``optimizer.step()`` (``reads{rank}.json``, counted by ``tests.test_optim._HostReads``). ``--variant eigen`` and ``--mesh-2d`` must fail: rank 0 writes the message to ``error.txt``.
 """
 
 import argparse
@@ -48,13 +49,22 @@ def batches(steps: int, accumulate: int, batch: int = 8, seed: int = 1):
         ]
 
 
-def train(model, opt, steps, accumulate, rank=0, world=1):
-    for micro in batches(steps, accumulate):
+def train(model, opt, steps, accumulate, rank=0, world=1, reads=None):
+    """``reads``: a list to append each step's host reads to (``[count, ops]``)."""
+    for k, micro in enumerate(batches(steps, accumulate)):
         for x, y in micro:
             n = len(x) // world
             xs, ys = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
             (F.mse_loss(model(xs), ys) / accumulate).backward()
-        opt.step()
+        if reads is None:
+            opt.step()
+        else:
+            from tests.test_optim import _HostReads
+
+            # the first step builds shape-keyed constants from host values (as in test_optim)
+            with _HostReads(shapes_from_data=k > 0) as counted:
+                opt.step()
+            reads.append([counted.count, counted.ops])
         opt.zero_grad()
 
 
@@ -78,6 +88,7 @@ def main() -> None:
     parser.add_argument("--variant", default="paper")
     parser.add_argument("--foreach", action="store_true", help="the multi-tensor update (CUDA's default)")
     parser.add_argument("--mesh-2d", action="store_true", help="HSDP on a 1 x 2 mesh (refused)")
+    parser.add_argument("--count-host-reads", action="store_true", help="write reads{rank}.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -102,13 +113,19 @@ def main() -> None:
         dist.destroy_process_group()
         return
     opt.statistics_reducer = fsdp.statistics_reducer(opt)
-    train(model, opt, args.steps, args.accumulate, rank, world)
+    reads = [] if args.count_host_reads else None
+    if args.count_host_reads:
+        opt.defer_skip_check = True  # the CUDA default: the skip check's flags are read later
+    train(model, opt, args.steps, args.accumulate, rank, world, reads)
     full = {k: v.full_tensor() for k, v in model.state_dict().items()}
     os.makedirs(args.out, exist_ok=True)
     if rank == 0:
         torch.save(full, os.path.join(args.out, "params.pt"))
     with open(os.path.join(args.out, f"bytes{rank}.json"), "w") as f:
         json.dump({"state_bytes": state_bytes(opt)}, f)
+    if reads is not None:
+        with open(os.path.join(args.out, f"reads{rank}.json"), "w") as f:
+            json.dump(reads, f)
     dist.destroy_process_group()
 
 
