@@ -50,6 +50,7 @@ __all__ = [
     "flush_subnormal_",
     "normalised",
     "unfoldable",
+    "foldable",
     "statistics_ok",
     "fold_paper",
     "fold_reference",
@@ -505,10 +506,19 @@ class Segments:
 
     def aminmax(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Every element's piece minimum and maximum."""
-        n = len(self)
-        lo = v.new_full((n,), math.inf).scatter_reduce_(0, self.ids, v, "amin")
-        hi = v.new_full((n,), -math.inf).scatter_reduce_(0, self.ids, v, "amax")
+        lo, hi = self.piece_aminmax(v)
         return self.spread(lo), self.spread(hi)
+
+    def piece_aminmax(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Each piece's minimum and maximum (vectors of ``len(self)``; no piece is empty)."""
+        n = len(self)
+        lo = v.new_empty(n).scatter_reduce_(0, self.ids, v, "amin", include_self=False)
+        hi = v.new_empty(n).scatter_reduce_(0, self.ids, v, "amax", include_self=False)
+        return lo, hi
+
+    def sum(self, v: Tensor) -> Tensor:
+        """Each piece's sum (a vector of ``len(self)``; no piece is empty)."""
+        return v.new_empty(len(self)).scatter_reduce_(0, self.ids, v, "sum", include_self=False)
 
     def any(self, flags: Tensor) -> Tensor:
         """Per piece: whether any of its elements is set (bool vector of ``len(self)``)."""
@@ -522,9 +532,12 @@ class Segments:
 def min_max(v: Tensor, segments: Segments | None = None) -> Tensor:
     """``(v − min v) / (max v − min v)``, all ones where ``max v == min v`` (paper variant);
     per piece when ``segments`` is given."""
-    lo, hi = torch.aminmax(v) if segments is None else segments.aminmax(v)
+    lo, hi = torch.aminmax(v) if segments is None else segments.piece_aminmax(v)
     span = hi - lo
-    return torch.where(span > 0, (v - lo) / torch.where(span > 0, span, 1.0), 1.0)
+    if segments is not None:
+        lo, span = segments.spread(lo), segments.spread(span)
+    # Where span is 0 the quotient is 0/0, replaced by the ones.
+    return torch.where(span > 0, (v - lo) / span, 1.0)
 
 
 def flush_subnormal_(v: Tensor) -> Tensor:
@@ -533,7 +546,15 @@ def flush_subnormal_(v: Tensor) -> Tensor:
     Factor entries that see no signal decay geometrically (``γ`` or ``0.1γ`` per statistics
     step) into the subnormal range, where every later multiply is ~50× slower on CPU (docs/numerics.md).
     """
-    return v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
+    return torch.threshold_(v, _below_normal(v.dtype), 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _below_normal(dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` below its smallest normal number: ``x ≤`` it exactly when
+    ``x <`` the smallest normal (one ``threshold_`` kernel instead of a compare and a fill)."""
+    tiny = torch.tensor(torch.finfo(dtype).tiny, dtype=dtype)
+    return torch.nextafter(tiny, torch.zeros((), dtype=dtype)).item()
 
 
 def normalised(variant: str, factor: Tensor, segments: Segments | None = None) -> Tensor:
@@ -550,6 +571,17 @@ def unfoldable(variant: str, stat: Tensor) -> Tensor:
     Paper variant: inf and NaN. Reference variant: NaN only (it maps ±inf itself).
     """
     return ~torch.isfinite(stat) if variant == "paper" else torch.isnan(stat)
+
+
+def foldable(variant: str, stat: Tensor, segments: Segments) -> Tensor:
+    """Per piece of ``segments``: whether none of its entries is :func:`unfoldable` (a bool
+    vector, decided on device). Each entry is marked 0 (foldable) or NaN, and the marks are
+    summed per piece: three kernels for every layer at once."""
+    if variant == "paper":
+        marks = stat * 0.0  # inf·0 and NaN·0 are NaN
+    else:
+        marks = torch.nan_to_num(stat, nan=math.nan, posinf=0.0, neginf=0.0).mul_(0.0)
+    return segments.sum(marks) == 0
 
 
 def statistics_ok(variant: str, *stats: Tensor) -> Tensor:
