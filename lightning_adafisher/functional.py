@@ -36,6 +36,8 @@ __all__ = [
     "stats_dtype",
     "linear_input_stats",
     "linear_output_stats",
+    "WithEntry",
+    "append_entries",
     "conv2d_padding",
     "conv2d_input_stats",
     "conv2d_output_stats",
@@ -154,15 +156,39 @@ def _square_sum(x: Tensor, rows: bool, reuse: bool) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def linear_input_stats(x: Tensor, bias: bool, reuse: bool = False) -> tuple[Tensor, float]:
+def linear_input_stats(
+    x: Tensor, bias: bool, reuse: bool = False, deferred: bool = False
+) -> tuple[Tensor | WithEntry, float]:
     """Sum over rows of ``x̄²`` (``x`` flattened to ``[N, d_in]``, ones column if ``bias``);
-    ``reuse``: see :func:`_square_sum`."""
+    ``reuse``: see :func:`_square_sum`. With ``deferred`` the ones column's entry is left to
+    :func:`append_entries` (a :class:`WithEntry`)."""
     n = math.prod(x.shape[:-1])
     # x.square().sum(0) is far faster on CPU than einsum or vector_norm.
     total = _square_sum(x, rows=True, reuse=reuse)
     if bias:
-        total = F.pad(total, (0, 1), value=float(n))
+        return (WithEntry(total, float(n)) if deferred else F.pad(total, (0, 1), value=float(n))), float(n)
     return total, float(n)
+
+
+class WithEntry(NamedTuple):
+    """A total still missing its last entry, the ones column's (the row count): such totals of
+    many layers are finished together by :func:`append_entries`."""
+
+    total: Tensor
+    entry: float
+
+
+@functools.lru_cache(maxsize=256)
+def _entry(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((1,), value, dtype=dtype).to(device)
+
+
+def append_entries(parts: Sequence[WithEntry]) -> list[Tensor]:
+    """Each ``total`` with its ``entry`` appended (all of one device and dtype), as one
+    concatenation for all of them instead of one pad each: views of one vector, in order."""
+    like = parts[0].total
+    pieces = [piece for part in parts for piece in (part.total, _cached(_entry, part.entry, like.dtype, like.device))]
+    return list(torch.cat(pieces).split([part.total.numel() + 1 for part in parts]))
 
 
 def linear_output_stats(g: Tensor) -> tuple[Tensor, float]:
@@ -404,6 +430,24 @@ def norm_output_stats_from_bias_grad(grad_bias: Tensor, batch: int) -> tuple[Ten
     return finish_norm_statistics([(grad_bias, batch)], [])[0][0], 1.0
 
 
+def _channel_sums(tensors: list[Tensor]) -> list[Tensor]:
+    """:func:`_channel_sum` of every tensor of more than one dim (1-D ones as they are); those
+    of one shape (a transformer's LayerNorm means) stacked and reduced in one kernel."""
+    out = list(tensors)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.dim() > 1:
+            by_shape.setdefault(tuple(t.shape), []).append(i)
+    for indices in by_shape.values():
+        if len(indices) == 1:
+            out[indices[0]] = _channel_sum(tensors[indices[0]])
+            continue
+        stacked = torch.stack([tensors[i] for i in indices])
+        for i, summed in zip(indices, stacked.sum([1, *range(3, stacked.dim())]).unbind(0)):
+            out[i] = summed
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def _norm_finish_constants(
     grad_pieces: tuple[tuple[int, int], ...], mean_pieces: tuple[tuple[int, float, float], ...],
@@ -438,8 +482,7 @@ def finish_norm_statistics(
     """
     grads = [_as_stats(g) for g, _ in bias_grads]
     grads = [g.reshape(-1, g.shape[-1]).sum(0) if g.dim() > 1 else g for g in grads]
-    sums = [_as_stats(m) for m, _, _ in means]
-    sums = [_channel_sum(m) if m.dim() > 1 else m for m in sums]
+    sums = _channel_sums([_as_stats(m) for m, _, _ in means])
     mean_pieces = []
     for m, (_, shape, per_mean) in zip(sums, means):
         b, d = float(shape[0]), float(math.prod(shape[2:]))

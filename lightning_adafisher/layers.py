@@ -74,10 +74,12 @@ class LayerHelper:
 
     def input_stats_in_hook(
         self, module: nn.Module, x: Tensor, variant: str
-    ) -> tuple[Tensor | Callable[[], Tensor], float]:
+    ) -> tuple[Tensor | Callable[[], Tensor] | fn.WithEntry, float]:
         """:meth:`input_stats` as the forward hook calls it: the total may be a zero-argument
         function that finishes it at the optimizer step, once the pass over ``x`` is done
-        (fewer ops inside hooks, where each costs tens of µs on CPU; docs/performance.md)."""
+        (fewer ops inside hooks, where each costs tens of µs on CPU; docs/performance.md), or
+        a :class:`functional.WithEntry`, whose last entry is appended at the step together
+        with every other layer's."""
         return self.input_stats(module, x, variant)
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
@@ -187,9 +189,10 @@ class LinearHelper(LayerHelper):
 
     def input_stats_in_hook(
         self, module: nn.Module, x: Tensor, variant: str
-    ) -> tuple[Tensor | Callable[[], Tensor], float]:
-        # Layers reading the same input share one pass over it (fn._square_sum).
-        return fn.linear_input_stats(x, bias=module.bias is not None, reuse=True)
+    ) -> tuple[Tensor | Callable[[], Tensor] | fn.WithEntry, float]:
+        # Layers reading the same input share one pass over it (fn._square_sum); the ones
+        # column's entries of all layers are appended in one op at the step.
+        return fn.linear_input_stats(x, bias=module.bias is not None, reuse=True, deferred=True)
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.linear_output_stats(g)

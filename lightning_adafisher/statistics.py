@@ -90,8 +90,9 @@ class NormPart(NamedTuple):
     args: tuple[Any, ...]
 
 
-Part = Tensor | Callable[[], Tensor] | NormPart
-"""One call's total: a tensor, a function that finishes it, or a norm part (see :func:`resolve`)."""
+Part = Tensor | Callable[[], Tensor] | NormPart | fn.WithEntry
+"""One call's total: a tensor, a function that finishes it, a norm part, or a total whose
+ones-column entry is still to be appended (see :func:`resolve`)."""
 
 
 class LayerStats(NamedTuple):
@@ -132,17 +133,24 @@ class Window:
 def resolve(windows: dict[str, Window]) -> dict[str, LayerStats]:
     """Turn every layer's window into ``(total, count)`` tensors: the one place where deferred
     work runs. The norm parts of all layers are finished together, per device and dtype (a
-    handful of kernels for the whole model instead of a few per call); the functions a hook
-    left run back to back; a layer's calls are summed in call order."""
+    handful of kernels for the whole model instead of a few per call), and so are the ones
+    columns' entries (one concatenation); the functions a hook left run back to back; a
+    layer's calls are summed in call order."""
     finished: dict[tuple[str, int, int], Tensor] = {}
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[tuple[str, int, int], NormPart]]] = {}
+    entries: dict[tuple[torch.device, torch.dtype], list[tuple[tuple[str, int, int], fn.WithEntry]]] = {}
     for name, window in windows.items():
         for side, parts in enumerate((window.h, window.s)):
             for i, part in enumerate(parts):
                 if isinstance(part, NormPart):
                     t = part.args[0]
                     groups.setdefault((t.device, fn.stats_dtype(t.dtype)), []).append(((name, side, i), part))
+                elif isinstance(part, fn.WithEntry):
+                    entries.setdefault((part.total.device, part.total.dtype), []).append(((name, side, i), part))
     with torch.no_grad():
+        for with_entry in entries.values():
+            done = fn.append_entries([part for _, part in with_entry])
+            finished.update((key, total) for (key, _), total in zip(with_entry, done))
         for items in groups.values():
             s, h = fn.finish_norm_statistics(
                 [part.args for _, part in items if part.from_bias_grad],
@@ -158,7 +166,7 @@ def resolve(windows: dict[str, Window]) -> dict[str, LayerStats]:
                 total: Tensor | None = None
                 for i, part in enumerate(parts):
                     value = (
-                        finished[(name, side, i)] if isinstance(part, NormPart)
+                        finished[(name, side, i)] if isinstance(part, (NormPart, fn.WithEntry))
                         else part() if callable(part) else part
                     )
                     total = value if total is None else total + value
