@@ -964,8 +964,8 @@ def _kron_denominators(
     """Every ``F = rows⊗cols + λ`` of ``params`` written into consecutive views of ``scratch``.
 
     Parameters of one width (``len(cols)``) and damping, neighbours in the list, share their
-    ``F``'s kernels: their rows and their cols are concatenated, each row's cols gathered into
-    the scratch buffer (one ``index_select``), multiplied by the row's entry and damped — five
+    ``F``'s kernels: their cols and rows are concatenated, each row's cols gathered into the
+    scratch buffer (one ``index_select``), multiplied by the row's entry and damped — four
     kernels for the run instead of two per parameter. Each element is ``r·c + λ``, rounded as
     in :meth:`KronFactors.materialise`, so the numbers are the same bits.
     """
@@ -986,9 +986,11 @@ def _kron_denominators(
         if stop - start == 1:
             torch.mul(row_factors[0].to(p0.dtype).unsqueeze(1), kron[start].cols.to(p0.dtype).unsqueeze(0), out=f)
         else:
-            cols = torch.cat([k.cols for k in kron[start:stop]]).to(p0.dtype).view(-1, width)
-            torch.index_select(cols, 0, _cached(_row_owners, tuple(rows), p0.device), out=f)
-            f.mul_(torch.cat(row_factors).to(p0.dtype).unsqueeze(1))
+            members = kron[start:stop]
+            both = torch.cat([k.cols for k in members] + row_factors).to(p0.dtype)
+            cols, row_entries = both.split([width * len(members), sum(rows)])
+            torch.index_select(cols.view(-1, width), 0, _cached(_row_owners, tuple(rows), p0.device), out=f)
+            f.mul_(row_entries.unsqueeze(1))
         f.add_(damping)
         for i, n in zip(range(start, stop), rows):
             denominators.append(f[: n].view(params[i].shape))
