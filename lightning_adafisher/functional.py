@@ -38,6 +38,8 @@ __all__ = [
     "linear_output_stats",
     "WithEntry",
     "append_entries",
+    "ColumnSum",
+    "sum_columns",
     "conv2d_padding",
     "conv2d_input_stats",
     "conv2d_output_stats",
@@ -176,6 +178,13 @@ class WithEntry(NamedTuple):
 
     total: Tensor
     entry: float
+
+    def group(self) -> tuple[Any, ...]:
+        return (self.total.device, self.total.dtype)
+
+    @staticmethod
+    def finish(parts: Sequence[WithEntry]) -> list[Tensor]:
+        return append_entries(parts)
 
 
 @functools.lru_cache(maxsize=256)
@@ -352,20 +361,47 @@ DEFER_MAX = 1 << 18
 """Largest batch-summed ``x²`` (entries) a deferred conv statistic keeps until the step."""
 
 
-def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:
-    """Sum over (batch, output positions) of ``G²`` per output channel."""
+def conv2d_output_stats(g: Tensor, deferred: bool = False) -> tuple[Tensor | ColumnSum, float]:
+    """Sum over (batch, output positions) of ``G²`` per output channel.
+
+    With ``deferred`` (the hooks' path) the per-sample sums are returned as a
+    :class:`ColumnSum`, whose sum over the batch :func:`sum_columns` takes at the step together
+    with every other layer's: one kernel in the hook instead of two or three."""
     if g.dim() == 3:
         g = g.unsqueeze(0)
     g = _as_stats(g)
     b, c, h, w = g.shape
     count = float(b * h * w)
-    if h * w >= _DOT_MIN_SPATIAL and _without_temporary(g):
+    if (deferred and g.is_contiguous()) or (h * w >= _DOT_MIN_SPATIAL and _without_temporary(g)):
         # one dot product per (sample, channel) of G with itself: a read of G, no temporary
         rows = g.view(b * c, 1, h * w)
         with _autocast_off():
-            dots = torch.bmm(rows, rows.transpose(1, 2))
-        return dots.view(b, c).sum(0), count
+            dots = torch.bmm(rows, rows.transpose(1, 2)).view(b, c)
+        return (ColumnSum(dots) if deferred else dots.sum(0)), count
     return _channel_sum(g.square()), count
+
+
+class ColumnSum(NamedTuple):
+    """A total still to be summed over the first dim of ``rows`` (``[B, n]``): such totals of
+    many layers are summed together by :func:`sum_columns`."""
+
+    rows: Tensor
+
+    def group(self) -> tuple[Any, ...]:
+        return (self.rows.device, self.rows.dtype, self.rows.shape[0])
+
+    @staticmethod
+    def finish(parts: Sequence[ColumnSum]) -> list[Tensor]:
+        return sum_columns(parts)
+
+
+def sum_columns(parts: Sequence[ColumnSum]) -> list[Tensor]:
+    """Each part's ``rows.sum(0)`` (all of one device, dtype and first dim): side by side,
+    one concatenation and one sum for all of them."""
+    if len(parts) == 1:
+        return [parts[0].rows.sum(0)]
+    summed = torch.cat([part.rows for part in parts], 1).sum(0)
+    return list(summed.split([part.rows.shape[1] for part in parts]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,6 +86,14 @@ class LayerHelper:
         """Raw output-side statistic ``s`` of one call, as ``(total, count)``."""
         raise NotImplementedError
 
+    def output_stats_in_hook(
+        self, module: nn.Module, g: Tensor, variant: str
+    ) -> tuple[Tensor | fn.ColumnSum, float]:
+        """:meth:`output_stats` as the gradient hook calls it: the total may be a
+        :class:`functional.ColumnSum`, summed over the batch at the step together with every
+        other layer's."""
+        return self.output_stats(module, g, variant)
+
     h_from_saved_mean: bool = False
     """Whether :meth:`saved_mean_layout` can say how ``h`` follows from the mean the layer's
     kernel saves for backward (the collector then skips the pass over ``x``)."""
@@ -244,7 +252,12 @@ class Conv2dHelper(LayerHelper):
         )
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
-        return fn.conv2d_output_stats(g)
+        return fn.conv2d_output_stats(g)  # type: ignore[return-value]
+
+    def output_stats_in_hook(
+        self, module: nn.Module, g: Tensor, variant: str
+    ) -> tuple[Tensor | fn.ColumnSum, float]:
+        return fn.conv2d_output_stats(g, deferred=True)
 
     eigen = True
 
