@@ -815,10 +815,10 @@ def adafisher_update(
     * on the single-tensor path: ``F`` written into ``workspace(numel, dtype, device)`` (one
       reusable scratch buffer) right before it is used, in blocks of at most
       :data:`UPDATE_BLOCK` elements;
-    * on the multi-tensor path: ``F`` of consecutive parameters written into views of
-      ``workspace`` until :data:`UPDATE_BLOCK` elements are filled, then one set of ``_foreach``
-      kernels per such chunk (a weight larger than a chunk takes the blocked single-tensor
-      path).
+    * on the multi-tensor path: the moments of all parameters in one set of ``_foreach``
+      kernels, then ``F`` of consecutive parameters written into views of ``workspace`` until
+      :data:`UPDATE_BLOCK` elements are filled and one ``_foreach_addcdiv_`` per such chunk (a
+      weight larger than a chunk takes the blocked single-tensor path).
 
     Without a ``workspace``, a fresh buffer serves each block or chunk. A tensor or float ``F``
     and a non-contiguous parameter take the plain path (``F`` materialised). All give the same
@@ -843,22 +843,34 @@ def adafisher_update(
     blocked = [] if fused_ok else [i for i in kron if i not in set(chunked)]
     done = set(kron)
     plain = [i for i in range(len(params)) if i not in done]
+    # The multi-tensor paths' moments (and decay) need no F: one set of kernels for them all.
+    together = chunked + (plain if foreach else [])
+    if together:
+        _multi_tensor_moments(
+            [params[i] for i in together], [grads[i] for i in together], [exp_avgs[i] for i in together],
+            **kwargs,
+        )
     for chunk in _chunks(chunked, params, denominators):
-        _chunked_multi_tensor_update(
-            [params[i] for i in chunk], [grads[i] for i in chunk], [exp_avgs[i] for i in chunk],
+        _chunked_multi_tensor_step(
+            [params[i] for i in chunk], [exp_avgs[i] for i in chunk],
             [denominators[i] for i in chunk], [steps[i] for i in chunk],  # type: ignore[misc]
-            workspace=scratch, **kwargs,
+            lr=lr, beta=beta, workspace=scratch,
         )
     for i in blocked:
         _blocked_kron_update(params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
                              workspace=scratch, **kwargs)
     if plain:
-        update = _multi_tensor_update if foreach else _single_tensor_update
-        update(
-            [params[i] for i in plain], [grads[i] for i in plain], [exp_avgs[i] for i in plain],
-            [_materialised(denominators[i], params[i]) for i in plain],
-            [steps[i] for i in plain], **kwargs,  # type: ignore[arg-type]
-        )
+        plain_denominators = [_materialised(denominators[i], params[i]) for i in plain]
+        if foreach:
+            _multi_tensor_step(
+                [params[i] for i in plain], [exp_avgs[i] for i in plain], plain_denominators,
+                [steps[i] for i in plain], lr=lr, beta=beta,
+            )
+        else:
+            _single_tensor_update(
+                [params[i] for i in plain], [grads[i] for i in plain], [exp_avgs[i] for i in plain],
+                plain_denominators, [steps[i] for i in plain], **kwargs,
+            )
 
 
 def _materialised(denominator: Tensor | float | KronFactors, p: Tensor) -> Tensor | float:
@@ -1036,19 +1048,16 @@ def _kron_denominators(
     return denominators
 
 
-def _chunked_multi_tensor_update(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], kron: list[KronFactors],
-    steps: list[int], *, lr: float, beta: float, weight_decay: float, decoupled: bool,
-    workspace: Callable[[int, torch.dtype, torch.device], Tensor],
+def _chunked_multi_tensor_step(
+    params: list[Tensor], exp_avgs: list[Tensor], kron: list[KronFactors], steps: list[int], *,
+    lr: float, beta: float, workspace: Callable[[int, torch.dtype, torch.device], Tensor],
 ) -> None:
-    """The multi-tensor update of one chunk, each ``F`` written into its slice of the scratch
-    buffer (:func:`_kron_denominators`: the numbers of :meth:`KronFactors.materialise`)."""
+    """The multi-tensor step of one chunk (moments already updated), each ``F`` written into its
+    slice of the scratch buffer (:func:`_kron_denominators`: the numbers of
+    :meth:`KronFactors.materialise`)."""
     scratch = workspace(sum(p.numel() for p in params), params[0].dtype, params[0].device)
     denominators = _kron_denominators(params, kron, scratch)
-    _multi_tensor_update(
-        params, grads, exp_avgs, denominators, steps,  # type: ignore[arg-type]
-        lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled,
-    )
+    _multi_tensor_step(params, exp_avgs, denominators, steps, lr=lr, beta=beta)  # type: ignore[arg-type]
 
 
 def _single_tensor_update(
@@ -1076,23 +1085,24 @@ def _single_tensor_update(
             p.add_(m, alpha=-step_size / denom)
 
 
-def _multi_tensor_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    denominators: list[Tensor | float],
-    steps: list[int],
-    *,
-    lr: float,
-    beta: float,
-    weight_decay: float,
-    decoupled: bool,
+def _multi_tensor_moments(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *,
+    lr: float, beta: float, weight_decay: float, decoupled: bool,
 ) -> None:
+    """The multi-tensor update's first half: ``m ← lerp(m, g (+ κp), 1−β)``, decoupled decay."""
     if weight_decay != 0.0 and not decoupled:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)
     if weight_decay != 0.0 and decoupled:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+def _multi_tensor_step(
+    params: list[Tensor], exp_avgs: list[Tensor], denominators: list[Tensor | float],
+    steps: list[int], *, lr: float, beta: float,
+) -> None:
+    """The multi-tensor update's second half, after :func:`_multi_tensor_moments`:
+    ``p ← p − step·m/F``."""
     kron = [i for i, d in enumerate(denominators) if isinstance(d, Tensor)]
     ident = [i for i, d in enumerate(denominators) if not isinstance(d, Tensor)]
     if kron:
