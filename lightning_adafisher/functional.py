@@ -40,6 +40,8 @@ __all__ = [
     "append_entries",
     "ColumnSum",
     "sum_columns",
+    "WindowSums",
+    "window_sums",
     "conv2d_padding",
     "conv2d_input_stats",
     "conv2d_output_stats",
@@ -353,12 +355,52 @@ def conv2d_input_stats(
         return F.pad(total, (0, 1), value=float(rows)) if bias else total
 
     if deferred and xs.numel() <= DEFER_MAX:
+        if h * w * kh * kw <= _WINDOW_KERNEL_MAX:
+            entry = float(rows) if bias else None
+            return WindowSums(xs.reshape(xs.shape[0], h * w), rows_key, cols_key, entry), count
         return window_sums, count
     return window_sums(), count
 
 
 DEFER_MAX = 1 << 18
 """Largest batch-summed ``x²`` (entries) a deferred conv statistic keeps until the step."""
+
+
+class WindowSums(NamedTuple):
+    """A conv's batch-summed ``x²`` (``[C, H·W]``) whose window sums — one matmul with the
+    cached window kernel, then the ones column's entry if the conv has a bias — are still to be
+    taken: :func:`window_sums` takes those of every conv of one window kernel in one matmul.
+    Calling it takes its own."""
+
+    xs: Tensor
+    rows_key: tuple[int, ...]
+    cols_key: tuple[int, ...]
+    entry: float | None
+
+    def __call__(self) -> Tensor:
+        return window_sums([self])[0]
+
+    def group(self) -> tuple[Any, ...]:
+        return (self.xs.device, self.xs.dtype, self.rows_key, self.cols_key)
+
+    @staticmethod
+    def finish(parts: Sequence[WindowSums]) -> list[Tensor]:
+        return window_sums(parts)
+
+
+def window_sums(parts: Sequence[WindowSums]) -> list[Tensor]:
+    """Each part's conv ``h`` total (all of one device, dtype and window kernel): the parts'
+    ``x²`` stacked and multiplied by the kernel once."""
+    first = parts[0]
+    kernel = _cached(_window_kernel, first.rows_key, first.cols_key, first.xs.dtype, first.xs.device)
+    xs = first.xs if len(parts) == 1 else torch.cat([part.xs for part in parts])
+    with _autocast_off():
+        sums = torch.mm(xs, kernel)
+    totals = [t.reshape(-1) for t in sums.split([part.xs.shape[0] for part in parts])]
+    return [
+        total if part.entry is None else F.pad(total, (0, 1), value=part.entry)
+        for total, part in zip(totals, parts)
+    ]
 
 
 def conv2d_output_stats(g: Tensor, deferred: bool = False) -> tuple[Tensor | ColumnSum, float]:

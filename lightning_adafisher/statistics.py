@@ -103,11 +103,11 @@ class NormPart(NamedTuple):
         return [next(s_iter) if part.from_bias_grad else next(h_iter) for part in parts]
 
 
-BATCHED = (NormPart, fn.WithEntry, fn.ColumnSum)
+BATCHED = (NormPart, fn.WithEntry, fn.ColumnSum, fn.WindowSums)
 """Parts left as data, finished by :func:`resolve` with every part of their kind and
 ``group()`` in one batch (``finish``): a handful of kernels per step instead of some per call."""
 
-Part = Tensor | Callable[[], Tensor] | NormPart | fn.WithEntry | fn.ColumnSum
+Part = Tensor | Callable[[], Tensor] | NormPart | fn.WithEntry | fn.ColumnSum | fn.WindowSums
 """One call's total: a tensor, a function that finishes it, or a part of a :data:`BATCHED`
 kind (see :func:`resolve`)."""
 
@@ -150,7 +150,7 @@ class Window:
 def resolve(windows: dict[str, Window]) -> dict[str, LayerStats]:
     """Turn every layer's window into ``(total, count)`` tensors: the one place where deferred
     work runs. The parts of each :data:`BATCHED` kind (norm parts, ones-column entries, sums
-    over the batch) of all layers are finished together, per group (device, dtype, ...): a
+    over the batch, conv window sums) of all layers are finished together, per group (device, dtype, ...): a
     handful of kernels for the whole model instead of a few per call. The functions a hook
     left run back to back; a layer's calls are summed in call order."""
     groups: dict[tuple[Any, ...], list[tuple[tuple[str, int, int], Any]]] = {}
