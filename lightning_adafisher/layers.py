@@ -18,6 +18,7 @@ as ``transformers`` has been imported. Modules with no helper keep the identity 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Callable
@@ -346,7 +347,7 @@ class EmbeddingHelper(LayerHelper):
         # back to the host to size its output (a device sync on CUDA); same integers.
         ids = x.reshape(-1)
         dtype = fn.stats_dtype(module.weight.dtype)
-        ones = torch.ones((), dtype=dtype, device=ids.device).expand(ids.numel())
+        ones = fn._cached(_one, dtype, ids.device).expand(ids.numel())
         counts = torch.zeros(module.num_embeddings, dtype=dtype, device=ids.device)
         return counts.index_add_(0, ids, ones), float(ids.numel())
 
@@ -357,6 +358,12 @@ class EmbeddingHelper(LayerHelper):
         self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor
     ) -> tuple[Tensor, Tensor]:
         return h_norm, s_norm
+
+
+@functools.lru_cache(maxsize=8)
+def _one(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A read-only 0-dim one (expanded, it is every token's count): made once, not per call."""
+    return torch.ones((), dtype=dtype, device=device)
 
 
 class TransposedLinearHelper(LinearHelper):
