@@ -194,7 +194,7 @@ class LinearHelper(LayerHelper):
         return module.in_features + (module.bias is not None), module.out_features
 
     def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
-        return fn.linear_input_stats(x, bias=module.bias is not None)
+        return fn.linear_input_stats(x, bias=module.bias is not None)  # type: ignore[return-value]
 
     def input_stats_in_hook(
         self, module: nn.Module, x: Tensor, variant: str

@@ -20,7 +20,8 @@ whose first forward runs without grad), so each call is counted exactly once.
 Reading order: :meth:`StatisticsCollector._make_forward_hook` gates a call and hands it to one
 route per kind of layer (``_tensor_route``, ``_norm_kernel_route``, ``_eigen_route``); a route
 appends each call's ``h`` and ``s`` to the layer's :class:`Window` as a tensor, a function that
-finishes it, or a :class:`NormPart`. Calls pool over every forward and backward pass (gradient
+finishes it, or a part of a :data:`BATCHED` kind (finished with every layer's at the step).
+Calls pool over every forward and backward pass (gradient
 accumulation, modules called several times) until :meth:`StatisticsCollector.consume`, where
 :func:`resolve`, the one place deferred work runs, turns each window into a
 :class:`LayerStats` of ``(total, count)``.
@@ -150,9 +151,9 @@ class Window:
 def resolve(windows: dict[str, Window]) -> dict[str, LayerStats]:
     """Turn every layer's window into ``(total, count)`` tensors: the one place where deferred
     work runs. The parts of each :data:`BATCHED` kind (norm parts, ones-column entries, sums
-    over the batch, conv window sums) of all layers are finished together, per group (device, dtype, ...): a
-    handful of kernels for the whole model instead of a few per call. The functions a hook
-    left run back to back; a layer's calls are summed in call order."""
+    over the batch, conv window sums) of all layers are finished together, per group (device,
+    dtype, ...): a handful of kernels for the whole model instead of a few per call. The
+    functions a hook left run back to back; a layer's calls are summed in call order."""
     groups: dict[tuple[Any, ...], list[tuple[tuple[str, int, int], Any]]] = {}
     for name, window in windows.items():
         for side, parts in enumerate((window.h, window.s)):
