@@ -95,8 +95,9 @@ fresh, page-faulted memory; below this size the one-kernel ``square().sum()`` is
 (docs/performance.md#no-tensor-sized-temporaries-for-large-sums-of-squares)."""
 
 _DOT_MIN_SPATIAL = 256
-"""Least ``H·W`` for which a conv's ``Σ G²`` is taken as batched dot products (smaller maps:
-many tiny dots, measured no faster)."""
+"""On CPU, the least ``H·W`` for which a conv's ``Σ G²`` is taken as batched dot products
+(smaller maps: many tiny dots, slower there than a square and a sum; on CUDA the one ``bmm``
+kernel is taken whatever the size)."""
 
 
 def _autocast_off() -> contextlib.AbstractContextManager[Any]:
@@ -115,6 +116,11 @@ def _autocast_off() -> contextlib.AbstractContextManager[Any]:
 
 def _without_temporary(t: Tensor) -> bool:
     return t.numel() >= NO_TEMPORARY_MIN and t.device.type == "cpu" and t.is_contiguous()
+
+
+def _on_cpu(t: Tensor) -> bool:
+    """Whether CPU-only tuning applies to ``t`` (``bench.ops.cuda_code_path`` turns it off)."""
+    return t.device.type == "cpu"
 
 
 _recent_square_sums: list[tuple[Any, int, bool, Tensor]] = []
@@ -408,13 +414,15 @@ def conv2d_output_stats(g: Tensor, deferred: bool = False) -> tuple[Tensor | Col
 
     With ``deferred`` (the hooks' path) the per-sample sums are returned as a
     :class:`ColumnSum`, whose sum over the batch :func:`sum_columns` takes at the step together
-    with every other layer's: one kernel in the hook instead of two or three."""
+    with every other layer's: one kernel in the hook instead of two or three (on CPU, for maps
+    of at least :data:`_DOT_MIN_SPATIAL` positions)."""
     if g.dim() == 3:
         g = g.unsqueeze(0)
     g = _as_stats(g)
     b, c, h, w = g.shape
     count = float(b * h * w)
-    if (deferred and g.is_contiguous()) or (h * w >= _DOT_MIN_SPATIAL and _without_temporary(g)):
+    small_on_cpu = h * w < _DOT_MIN_SPATIAL and _on_cpu(g)
+    if not small_on_cpu and ((deferred and g.is_contiguous()) or _without_temporary(g)):
         # one dot product per (sample, channel) of G with itself: a read of G, no temporary
         rows = g.view(b * c, 1, h * w)
         with _autocast_off():
