@@ -36,6 +36,12 @@ __all__ = [
     "stats_dtype",
     "linear_input_stats",
     "linear_output_stats",
+    "WithEntry",
+    "append_entries",
+    "ColumnSum",
+    "sum_columns",
+    "WindowSums",
+    "window_sums",
     "conv2d_padding",
     "conv2d_input_stats",
     "conv2d_output_stats",
@@ -50,6 +56,7 @@ __all__ = [
     "flush_subnormal_",
     "normalised",
     "unfoldable",
+    "foldable",
     "statistics_ok",
     "fold_paper",
     "fold_reference",
@@ -88,8 +95,9 @@ fresh, page-faulted memory; below this size the one-kernel ``square().sum()`` is
 (docs/performance.md#no-tensor-sized-temporaries-for-large-sums-of-squares)."""
 
 _DOT_MIN_SPATIAL = 256
-"""Least ``H·W`` for which a conv's ``Σ G²`` is taken as batched dot products (smaller maps:
-many tiny dots, measured no faster)."""
+"""On CPU, the least ``H·W`` for which a conv's ``Σ G²`` is taken as batched dot products
+(smaller maps: many tiny dots, slower there than a square and a sum; on CUDA the one ``bmm``
+kernel is taken whatever the size)."""
 
 
 def _autocast_off() -> contextlib.AbstractContextManager[Any]:
@@ -108,6 +116,11 @@ def _autocast_off() -> contextlib.AbstractContextManager[Any]:
 
 def _without_temporary(t: Tensor) -> bool:
     return t.numel() >= NO_TEMPORARY_MIN and t.device.type == "cpu" and t.is_contiguous()
+
+
+def _on_cpu(t: Tensor) -> bool:
+    """Whether CPU-only tuning applies to ``t`` (``bench.ops.cuda_code_path`` turns it off)."""
+    return t.device.type == "cpu"
 
 
 _recent_square_sums: list[tuple[Any, int, bool, Tensor]] = []
@@ -153,15 +166,46 @@ def _square_sum(x: Tensor, rows: bool, reuse: bool) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def linear_input_stats(x: Tensor, bias: bool, reuse: bool = False) -> tuple[Tensor, float]:
+def linear_input_stats(
+    x: Tensor, bias: bool, reuse: bool = False, deferred: bool = False
+) -> tuple[Tensor | WithEntry, float]:
     """Sum over rows of ``x̄²`` (``x`` flattened to ``[N, d_in]``, ones column if ``bias``);
-    ``reuse``: see :func:`_square_sum`."""
+    ``reuse``: see :func:`_square_sum`. With ``deferred`` the ones column's entry is left to
+    :func:`append_entries` (a :class:`WithEntry`)."""
     n = math.prod(x.shape[:-1])
     # x.square().sum(0) is far faster on CPU than einsum or vector_norm.
     total = _square_sum(x, rows=True, reuse=reuse)
     if bias:
-        total = F.pad(total, (0, 1), value=float(n))
+        return (WithEntry(total, float(n)) if deferred else F.pad(total, (0, 1), value=float(n))), float(n)
     return total, float(n)
+
+
+class WithEntry(NamedTuple):
+    """A total still missing its last entry, the ones column's (the row count): such totals of
+    many layers are finished together by :func:`append_entries`."""
+
+    total: Tensor
+    entry: float
+
+    def group(self) -> tuple[Any, ...]:
+        return (self.total.device, self.total.dtype)
+
+    @staticmethod
+    def finish(parts: Sequence[WithEntry]) -> list[Tensor]:
+        return append_entries(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _entry(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((1,), value, dtype=dtype).to(device)
+
+
+def append_entries(parts: Sequence[WithEntry]) -> list[Tensor]:
+    """Each ``total`` with its ``entry`` appended (all of one device and dtype), as one
+    concatenation for all of them instead of one pad each: views of one vector, in order."""
+    like = parts[0].total
+    pieces = [piece for part in parts for piece in (part.total, _cached(_entry, part.entry, like.dtype, like.device))]
+    return list(torch.cat(pieces).split([part.total.numel() + 1 for part in parts]))
 
 
 def linear_output_stats(g: Tensor) -> tuple[Tensor, float]:
@@ -317,6 +361,9 @@ def conv2d_input_stats(
         return F.pad(total, (0, 1), value=float(rows)) if bias else total
 
     if deferred and xs.numel() <= DEFER_MAX:
+        if h * w * kh * kw <= _WINDOW_KERNEL_MAX:
+            entry = float(rows) if bias else None
+            return WindowSums(xs.reshape(xs.shape[0], h * w), rows_key, cols_key, entry), count
         return window_sums, count
     return window_sums(), count
 
@@ -325,20 +372,86 @@ DEFER_MAX = 1 << 18
 """Largest batch-summed ``x²`` (entries) a deferred conv statistic keeps until the step."""
 
 
-def conv2d_output_stats(g: Tensor) -> tuple[Tensor, float]:
-    """Sum over (batch, output positions) of ``G²`` per output channel."""
+class WindowSums(NamedTuple):
+    """A conv's batch-summed ``x²`` (``[C, H·W]``) whose window sums — one matmul with the
+    cached window kernel, then the ones column's entry if the conv has a bias — are still to be
+    taken: :func:`window_sums` takes those of every conv of one window kernel in one matmul.
+    Calling it takes its own."""
+
+    xs: Tensor
+    rows_key: tuple[int, ...]
+    cols_key: tuple[int, ...]
+    entry: float | None
+
+    def __call__(self) -> Tensor:
+        return window_sums([self])[0]
+
+    def group(self) -> tuple[Any, ...]:
+        return (self.xs.device, self.xs.dtype, self.rows_key, self.cols_key)
+
+    @staticmethod
+    def finish(parts: Sequence[WindowSums]) -> list[Tensor]:
+        return window_sums(parts)
+
+
+def window_sums(parts: Sequence[WindowSums]) -> list[Tensor]:
+    """Each part's conv ``h`` total (all of one device, dtype and window kernel): the parts'
+    ``x²`` stacked and multiplied by the kernel once."""
+    first = parts[0]
+    kernel = _cached(_window_kernel, first.rows_key, first.cols_key, first.xs.dtype, first.xs.device)
+    xs = first.xs if len(parts) == 1 else torch.cat([part.xs for part in parts])
+    with _autocast_off():
+        sums = torch.mm(xs, kernel)
+    totals = [t.reshape(-1) for t in sums.split([part.xs.shape[0] for part in parts])]
+    return [
+        total if part.entry is None else F.pad(total, (0, 1), value=part.entry)
+        for total, part in zip(totals, parts)
+    ]
+
+
+def conv2d_output_stats(g: Tensor, deferred: bool = False) -> tuple[Tensor | ColumnSum, float]:
+    """Sum over (batch, output positions) of ``G²`` per output channel.
+
+    With ``deferred`` (the hooks' path) the per-sample sums are returned as a
+    :class:`ColumnSum`, whose sum over the batch :func:`sum_columns` takes at the step together
+    with every other layer's: one kernel in the hook instead of two or three (on CPU, for maps
+    of at least :data:`_DOT_MIN_SPATIAL` positions)."""
     if g.dim() == 3:
         g = g.unsqueeze(0)
     g = _as_stats(g)
     b, c, h, w = g.shape
     count = float(b * h * w)
-    if h * w >= _DOT_MIN_SPATIAL and _without_temporary(g):
+    small_on_cpu = h * w < _DOT_MIN_SPATIAL and _on_cpu(g)
+    if not small_on_cpu and ((deferred and g.is_contiguous()) or _without_temporary(g)):
         # one dot product per (sample, channel) of G with itself: a read of G, no temporary
         rows = g.view(b * c, 1, h * w)
         with _autocast_off():
-            dots = torch.bmm(rows, rows.transpose(1, 2))
-        return dots.view(b, c).sum(0), count
+            dots = torch.bmm(rows, rows.transpose(1, 2)).view(b, c)
+        return (ColumnSum(dots) if deferred else dots.sum(0)), count
     return _channel_sum(g.square()), count
+
+
+class ColumnSum(NamedTuple):
+    """A total still to be summed over the first dim of ``rows`` (``[B, n]``): such totals of
+    many layers are summed together by :func:`sum_columns`."""
+
+    rows: Tensor
+
+    def group(self) -> tuple[Any, ...]:
+        return (self.rows.device, self.rows.dtype, self.rows.shape[0])
+
+    @staticmethod
+    def finish(parts: Sequence[ColumnSum]) -> list[Tensor]:
+        return sum_columns(parts)
+
+
+def sum_columns(parts: Sequence[ColumnSum]) -> list[Tensor]:
+    """Each part's ``rows.sum(0)`` (all of one device, dtype and first dim): side by side,
+    one concatenation and one sum for all of them."""
+    if len(parts) == 1:
+        return [parts[0].rows.sum(0)]
+    summed = torch.cat([part.rows for part in parts], 1).sum(0)
+    return list(summed.split([part.rows.shape[1] for part in parts]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +516,24 @@ def norm_output_stats_from_bias_grad(grad_bias: Tensor, batch: int) -> tuple[Ten
     return finish_norm_statistics([(grad_bias, batch)], [])[0][0], 1.0
 
 
+def _channel_sums(tensors: list[Tensor]) -> list[Tensor]:
+    """:func:`_channel_sum` of every tensor of more than one dim (1-D ones as they are); those
+    of one shape (a transformer's LayerNorm means) stacked and reduced in one kernel."""
+    out = list(tensors)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.dim() > 1:
+            by_shape.setdefault(tuple(t.shape), []).append(i)
+    for indices in by_shape.values():
+        if len(indices) == 1:
+            out[indices[0]] = _channel_sum(tensors[indices[0]])
+            continue
+        stacked = torch.stack([tensors[i] for i in indices])
+        for i, summed in zip(indices, stacked.sum([1, *range(3, stacked.dim())]).unbind(0)):
+            out[i] = summed
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def _norm_finish_constants(
     grad_pieces: tuple[tuple[int, int], ...], mean_pieces: tuple[tuple[int, float, float], ...],
@@ -437,8 +568,7 @@ def finish_norm_statistics(
     """
     grads = [_as_stats(g) for g, _ in bias_grads]
     grads = [g.reshape(-1, g.shape[-1]).sum(0) if g.dim() > 1 else g for g in grads]
-    sums = [_as_stats(m) for m, _, _ in means]
-    sums = [_channel_sum(m) if m.dim() > 1 else m for m in sums]
+    sums = _channel_sums([_as_stats(m) for m, _, _ in means])
     mean_pieces = []
     for m, (_, shape, per_mean) in zip(sums, means):
         b, d = float(shape[0]), float(math.prod(shape[2:]))
@@ -505,10 +635,21 @@ class Segments:
 
     def aminmax(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Every element's piece minimum and maximum."""
+        lo, hi = self.piece_aminmax(v)
+        return self.spread(lo), self.spread(hi)
+
+    def piece_aminmax(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Each piece's minimum and maximum (vectors of ``len(self)``). The reductions start
+        from ±inf: with ``include_self=False`` torch fills the output itself (the same kernels
+        on CUDA, four times slower on CPU)."""
         n = len(self)
         lo = v.new_full((n,), math.inf).scatter_reduce_(0, self.ids, v, "amin")
         hi = v.new_full((n,), -math.inf).scatter_reduce_(0, self.ids, v, "amax")
-        return self.spread(lo), self.spread(hi)
+        return lo, hi
+
+    def sum(self, v: Tensor) -> Tensor:
+        """Each piece's sum (a vector of ``len(self)``)."""
+        return v.new_zeros(len(self)).index_add_(0, self.ids, v)
 
     def any(self, flags: Tensor) -> Tensor:
         """Per piece: whether any of its elements is set (bool vector of ``len(self)``)."""
@@ -522,9 +663,12 @@ class Segments:
 def min_max(v: Tensor, segments: Segments | None = None) -> Tensor:
     """``(v − min v) / (max v − min v)``, all ones where ``max v == min v`` (paper variant);
     per piece when ``segments`` is given."""
-    lo, hi = torch.aminmax(v) if segments is None else segments.aminmax(v)
+    lo, hi = torch.aminmax(v) if segments is None else segments.piece_aminmax(v)
     span = hi - lo
-    return torch.where(span > 0, (v - lo) / torch.where(span > 0, span, 1.0), 1.0)
+    if segments is not None:
+        lo, span = segments.spread(lo), segments.spread(span)
+    # Where span is 0 the quotient is 0/0, replaced by the ones.
+    return torch.where(span > 0, (v - lo) / span, 1.0)
 
 
 def flush_subnormal_(v: Tensor) -> Tensor:
@@ -533,7 +677,15 @@ def flush_subnormal_(v: Tensor) -> Tensor:
     Factor entries that see no signal decay geometrically (``γ`` or ``0.1γ`` per statistics
     step) into the subnormal range, where every later multiply is ~50× slower on CPU (docs/numerics.md).
     """
-    return v.masked_fill_(v < torch.finfo(v.dtype).tiny, 0.0)
+    return torch.threshold_(v, _below_normal(v.dtype), 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _below_normal(dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` below its smallest normal number: ``x ≤`` it exactly when
+    ``x <`` the smallest normal (one ``threshold_`` kernel instead of a compare and a fill)."""
+    tiny = torch.tensor(torch.finfo(dtype).tiny, dtype=dtype)
+    return torch.nextafter(tiny, torch.zeros((), dtype=dtype)).item()
 
 
 def normalised(variant: str, factor: Tensor, segments: Segments | None = None) -> Tensor:
@@ -550,6 +702,17 @@ def unfoldable(variant: str, stat: Tensor) -> Tensor:
     Paper variant: inf and NaN. Reference variant: NaN only (it maps ±inf itself).
     """
     return ~torch.isfinite(stat) if variant == "paper" else torch.isnan(stat)
+
+
+def foldable(variant: str, stat: Tensor, segments: Segments) -> Tensor:
+    """Per piece of ``segments``: whether none of its entries is :func:`unfoldable` (a bool
+    vector, decided on device). Each entry is marked 0 (foldable) or NaN, and the marks are
+    summed per piece: four kernels for every layer at once."""
+    if variant == "paper":
+        marks = stat * 0.0  # inf·0 and NaN·0 are NaN
+    else:
+        marks = torch.nan_to_num(stat, nan=math.nan, posinf=0.0, neginf=0.0).mul_(0.0)
+    return segments.sum(marks) == 0
 
 
 def statistics_ok(variant: str, *stats: Tensor) -> Tensor:
@@ -704,10 +867,10 @@ def adafisher_update(
     * on the single-tensor path: ``F`` written into ``workspace(numel, dtype, device)`` (one
       reusable scratch buffer) right before it is used, in blocks of at most
       :data:`UPDATE_BLOCK` elements;
-    * on the multi-tensor path: ``F`` of consecutive parameters written into views of
-      ``workspace`` until :data:`UPDATE_BLOCK` elements are filled, then one set of ``_foreach``
-      kernels per such chunk (a weight larger than a chunk takes the blocked single-tensor
-      path).
+    * on the multi-tensor path: the moments of all parameters in one set of ``_foreach``
+      kernels, then ``F`` of consecutive parameters written into views of ``workspace`` until
+      :data:`UPDATE_BLOCK` elements are filled and one ``_foreach_addcdiv_`` per such chunk (a
+      weight larger than a chunk takes the blocked single-tensor path).
 
     Without a ``workspace``, a fresh buffer serves each block or chunk. A tensor or float ``F``
     and a non-contiguous parameter take the plain path (``F`` materialised). All give the same
@@ -732,22 +895,34 @@ def adafisher_update(
     blocked = [] if fused_ok else [i for i in kron if i not in set(chunked)]
     done = set(kron)
     plain = [i for i in range(len(params)) if i not in done]
-    for chunk in _chunks(chunked, params):
-        _chunked_multi_tensor_update(
-            [params[i] for i in chunk], [grads[i] for i in chunk], [exp_avgs[i] for i in chunk],
+    # The multi-tensor paths' moments (and decay) need no F: one set of kernels for them all.
+    together = chunked + (plain if foreach else [])
+    if together:
+        _multi_tensor_moments(
+            [params[i] for i in together], [grads[i] for i in together], [exp_avgs[i] for i in together],
+            **kwargs,
+        )
+    for chunk in _chunks(chunked, params, denominators):
+        _chunked_multi_tensor_step(
+            [params[i] for i in chunk], [exp_avgs[i] for i in chunk],
             [denominators[i] for i in chunk], [steps[i] for i in chunk],  # type: ignore[misc]
-            workspace=scratch, **kwargs,
+            lr=lr, beta=beta, workspace=scratch,
         )
     for i in blocked:
         _blocked_kron_update(params[i], grads[i], exp_avgs[i], denominators[i], steps[i],  # type: ignore[arg-type]
                              workspace=scratch, **kwargs)
     if plain:
-        update = _multi_tensor_update if foreach else _single_tensor_update
-        update(
-            [params[i] for i in plain], [grads[i] for i in plain], [exp_avgs[i] for i in plain],
-            [_materialised(denominators[i], params[i]) for i in plain],
-            [steps[i] for i in plain], **kwargs,  # type: ignore[arg-type]
-        )
+        plain_denominators = [_materialised(denominators[i], params[i]) for i in plain]
+        if foreach:
+            _multi_tensor_step(
+                [params[i] for i in plain], [exp_avgs[i] for i in plain], plain_denominators,
+                [steps[i] for i in plain], lr=lr, beta=beta,
+            )
+        else:
+            _single_tensor_update(
+                [params[i] for i in plain], [grads[i] for i in plain], [exp_avgs[i] for i in plain],
+                plain_denominators, [steps[i] for i in plain], **kwargs,
+            )
 
 
 def _materialised(denominator: Tensor | float | KronFactors, p: Tensor) -> Tensor | float:
@@ -856,43 +1031,85 @@ def _blocked_kron_update(
         pb.addcdiv_(mb, denom, value=-step_size)
 
 
-def _chunks(indices: list[int], params: list[Tensor]) -> list[list[int]]:
+def _chunks(indices: list[int], params: list[Tensor], kron: Sequence[Any]) -> list[list[int]]:
     """``indices`` cut into runs of one device and dtype holding at most :data:`UPDATE_BLOCK`
-    elements in all (every parameter here is at most that large)."""
-    chunks: list[list[int]] = []
-    filled, key = 0, None
-    for i in indices:
+    elements in all (every parameter here is at most that large), ordered so that parameters
+    whose ``F`` is built together (:func:`_kron_denominators`: same width, same damping) are
+    neighbours."""
+    def key(i: int) -> tuple[Any, ...]:
         p = params[i]
-        if not chunks or (p.device, p.dtype) != key or filled + p.numel() > UPDATE_BLOCK:
+        return (str(p.device), str(p.dtype), kron[i].cols.numel(), kron[i].damping)
+
+    chunks: list[list[int]] = []
+    filled, device_dtype = 0, None
+    for i in sorted(indices, key=key):
+        p = params[i]
+        if not chunks or (p.device, p.dtype) != device_dtype or filled + p.numel() > UPDATE_BLOCK:
             chunks.append([])
-            filled, key = 0, (p.device, p.dtype)
+            filled, device_dtype = 0, (p.device, p.dtype)
         chunks[-1].append(i)
         filled += p.numel()
     return chunks
 
 
-def _chunked_multi_tensor_update(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], kron: list[KronFactors],
-    steps: list[int], *, lr: float, beta: float, weight_decay: float, decoupled: bool,
-    workspace: Callable[[int, torch.dtype, torch.device], Tensor],
-) -> None:
-    """The multi-tensor update of one chunk, each ``F`` written into its slice of the scratch
-    buffer (the same ops as :meth:`KronFactors.materialise`, so the same numbers)."""
-    scratch = workspace(sum(p.numel() for p in params), params[0].dtype, params[0].device)
+@functools.lru_cache(maxsize=64)
+def _row_owners(rows: tuple[int, ...], device: torch.device) -> Tensor:
+    """For rows ``rows[k]`` of member ``k`` stacked: the member index of every row."""
+    return torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(device)
+
+
+def _kron_denominators(
+    params: list[Tensor], kron: list[KronFactors], scratch: Tensor
+) -> list[Tensor]:
+    """Every ``F = rows⊗cols + λ`` of ``params`` written into consecutive views of ``scratch``.
+
+    Parameters of one width (``len(cols)``) and damping, neighbours in the list, share their
+    ``F``'s kernels: their cols and rows are concatenated, each row's cols gathered into the
+    scratch buffer (one ``index_select``), multiplied by the row's entry and damped — four
+    kernels for the run instead of two per parameter. Each element is ``r·c + λ``, rounded as
+    in :meth:`KronFactors.materialise`, so the numbers are the same bits.
+    """
     denominators: list[Tensor] = []
-    offset = 0
-    for p, k in zip(params, kron):
-        cols = k.cols.numel()
-        rows = p.numel() // cols
-        f = scratch[offset : offset + p.numel()].view(rows, cols)
-        r = k.rows.to(p.dtype)
-        torch.mul((r.expand(rows) if r.numel() == 1 else r).unsqueeze(1), k.cols.to(p.dtype).unsqueeze(0), out=f)
-        denominators.append(f.add_(k.damping).view(p.shape))
-        offset += p.numel()
-    _multi_tensor_update(
-        params, grads, exp_avgs, denominators, steps,  # type: ignore[arg-type]
-        lr=lr, beta=beta, weight_decay=weight_decay, decoupled=decoupled,
-    )
+    offset, start = 0, 0
+    while start < len(params):
+        width, damping = kron[start].cols.numel(), kron[start].damping
+        stop = start + 1
+        while stop < len(params) and kron[stop].cols.numel() == width and kron[stop].damping == damping:
+            stop += 1
+        p0 = params[start]
+        rows = [params[i].numel() // width for i in range(start, stop)]
+        f = scratch[offset : offset + sum(rows) * width].view(-1, width)
+        row_factors = [
+            k.rows.expand(n) if k.rows.numel() == 1 else k.rows
+            for k, n in zip(kron[start:stop], rows)
+        ]
+        if stop - start == 1:
+            torch.mul(row_factors[0].to(p0.dtype).unsqueeze(1), kron[start].cols.to(p0.dtype).unsqueeze(0), out=f)
+        else:
+            members = kron[start:stop]
+            both = torch.cat([k.cols for k in members] + row_factors).to(p0.dtype)
+            cols, row_entries = both.split([width * len(members), sum(rows)])
+            torch.index_select(cols.view(-1, width), 0, _cached(_row_owners, tuple(rows), p0.device), out=f)
+            f.mul_(row_entries.unsqueeze(1))
+        f.add_(damping)
+        for i, n in zip(range(start, stop), rows):
+            denominators.append(f[: n].view(params[i].shape))
+            f = f[n:]
+        offset += sum(rows) * width
+        start = stop
+    return denominators
+
+
+def _chunked_multi_tensor_step(
+    params: list[Tensor], exp_avgs: list[Tensor], kron: list[KronFactors], steps: list[int], *,
+    lr: float, beta: float, workspace: Callable[[int, torch.dtype, torch.device], Tensor],
+) -> None:
+    """The multi-tensor step of one chunk (moments already updated), each ``F`` written into its
+    slice of the scratch buffer (:func:`_kron_denominators`: the numbers of
+    :meth:`KronFactors.materialise`)."""
+    scratch = workspace(sum(p.numel() for p in params), params[0].dtype, params[0].device)
+    denominators = _kron_denominators(params, kron, scratch)
+    _multi_tensor_step(params, exp_avgs, denominators, steps, lr=lr, beta=beta)  # type: ignore[arg-type]
 
 
 def _single_tensor_update(
@@ -920,23 +1137,24 @@ def _single_tensor_update(
             p.add_(m, alpha=-step_size / denom)
 
 
-def _multi_tensor_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    denominators: list[Tensor | float],
-    steps: list[int],
-    *,
-    lr: float,
-    beta: float,
-    weight_decay: float,
-    decoupled: bool,
+def _multi_tensor_moments(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *,
+    lr: float, beta: float, weight_decay: float, decoupled: bool,
 ) -> None:
+    """The multi-tensor update's first half: ``m ← lerp(m, g (+ κp), 1−β)``, decoupled decay."""
     if weight_decay != 0.0 and not decoupled:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)
     if weight_decay != 0.0 and decoupled:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+def _multi_tensor_step(
+    params: list[Tensor], exp_avgs: list[Tensor], denominators: list[Tensor | float],
+    steps: list[int], *, lr: float, beta: float,
+) -> None:
+    """The multi-tensor update's second half, after :func:`_multi_tensor_moments`:
+    ``p ← p − step·m/F``."""
     kron = [i for i, d in enumerate(denominators) if isinstance(d, Tensor)]
     ident = [i for i, d in enumerate(denominators) if not isinstance(d, Tensor)]
     if kron:

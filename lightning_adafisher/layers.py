@@ -18,6 +18,7 @@ as ``transformers`` has been imported. Modules with no helper keep the identity 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Callable
@@ -74,15 +75,25 @@ class LayerHelper:
 
     def input_stats_in_hook(
         self, module: nn.Module, x: Tensor, variant: str
-    ) -> tuple[Tensor | Callable[[], Tensor], float]:
+    ) -> tuple[Tensor | Callable[[], Tensor] | fn.WithEntry, float]:
         """:meth:`input_stats` as the forward hook calls it: the total may be a zero-argument
         function that finishes it at the optimizer step, once the pass over ``x`` is done
-        (fewer ops inside hooks, where each costs tens of µs on CPU; docs/performance.md)."""
+        (fewer ops inside hooks, where each costs tens of µs on CPU; docs/performance.md), or
+        a :class:`functional.WithEntry`, whose last entry is appended at the step together
+        with every other layer's."""
         return self.input_stats(module, x, variant)
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         """Raw output-side statistic ``s`` of one call, as ``(total, count)``."""
         raise NotImplementedError
+
+    def output_stats_in_hook(
+        self, module: nn.Module, g: Tensor, variant: str
+    ) -> tuple[Tensor | fn.ColumnSum, float]:
+        """:meth:`output_stats` as the gradient hook calls it: the total may be a
+        :class:`functional.ColumnSum`, summed over the batch at the step together with every
+        other layer's."""
+        return self.output_stats(module, g, variant)
 
     h_from_saved_mean: bool = False
     """Whether :meth:`saved_mean_layout` can say how ``h`` follows from the mean the layer's
@@ -183,13 +194,14 @@ class LinearHelper(LayerHelper):
         return module.in_features + (module.bias is not None), module.out_features
 
     def input_stats(self, module: nn.Module, x: Tensor, variant: str) -> tuple[Tensor, float]:
-        return fn.linear_input_stats(x, bias=module.bias is not None)
+        return fn.linear_input_stats(x, bias=module.bias is not None)  # type: ignore[return-value]
 
     def input_stats_in_hook(
         self, module: nn.Module, x: Tensor, variant: str
-    ) -> tuple[Tensor | Callable[[], Tensor], float]:
-        # Layers reading the same input share one pass over it (fn._square_sum).
-        return fn.linear_input_stats(x, bias=module.bias is not None, reuse=True)
+    ) -> tuple[Tensor | Callable[[], Tensor] | fn.WithEntry, float]:
+        # Layers reading the same input share one pass over it (fn._square_sum); the ones
+        # column's entries of all layers are appended in one op at the step.
+        return fn.linear_input_stats(x, bias=module.bias is not None, reuse=True, deferred=True)
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
         return fn.linear_output_stats(g)
@@ -241,7 +253,12 @@ class Conv2dHelper(LayerHelper):
         )
 
     def output_stats(self, module: nn.Module, g: Tensor, variant: str) -> tuple[Tensor, float]:
-        return fn.conv2d_output_stats(g)
+        return fn.conv2d_output_stats(g)  # type: ignore[return-value]
+
+    def output_stats_in_hook(
+        self, module: nn.Module, g: Tensor, variant: str
+    ) -> tuple[Tensor | fn.ColumnSum, float]:
+        return fn.conv2d_output_stats(g, deferred=True)
 
     eigen = True
 
@@ -330,7 +347,7 @@ class EmbeddingHelper(LayerHelper):
         # back to the host to size its output (a device sync on CUDA); same integers.
         ids = x.reshape(-1)
         dtype = fn.stats_dtype(module.weight.dtype)
-        ones = torch.ones((), dtype=dtype, device=ids.device).expand(ids.numel())
+        ones = fn._cached(_one, dtype, ids.device).expand(ids.numel())
         counts = torch.zeros(module.num_embeddings, dtype=dtype, device=ids.device)
         return counts.index_add_(0, ids, ones), float(ids.numel())
 
@@ -341,6 +358,12 @@ class EmbeddingHelper(LayerHelper):
         self, module: nn.Module, role: str, param: Tensor, h_norm: Tensor, s_norm: Tensor
     ) -> tuple[Tensor, Tensor]:
         return h_norm, s_norm
+
+
+@functools.lru_cache(maxsize=8)
+def _one(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A read-only 0-dim one (expanded, it is every token's count): made once, not per call."""
+    return torch.ones((), dtype=dtype, device=device)
 
 
 class TransposedLinearHelper(LinearHelper):

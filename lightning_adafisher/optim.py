@@ -645,7 +645,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         if isinstance(scale, Tensor) or scale != 1.0:
             is_s = pieces.constants([False, True] * len(batch), torch.bool)
             stat = torch.where(is_s, stat / (scale * scale), stat)
-        ok_layer = ~per_layer.any(fn.unfoldable(self.variant, stat))
+        ok_layer = fn.foldable(self.variant, stat, per_layer)
         ok = per_layer.spread(ok_layer if present is None else ok_layer & present)
         factor = torch.cat(old).to(dtype)
         if self.variant == "paper":

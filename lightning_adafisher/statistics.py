@@ -20,7 +20,8 @@ whose first forward runs without grad), so each call is counted exactly once.
 Reading order: :meth:`StatisticsCollector._make_forward_hook` gates a call and hands it to one
 route per kind of layer (``_tensor_route``, ``_norm_kernel_route``, ``_eigen_route``); a route
 appends each call's ``h`` and ``s`` to the layer's :class:`Window` as a tensor, a function that
-finishes it, or a :class:`NormPart`. Calls pool over every forward and backward pass (gradient
+finishes it, or a part of a :data:`BATCHED` kind (finished with every layer's at the step).
+Calls pool over every forward and backward pass (gradient
 accumulation, modules called several times) until :meth:`StatisticsCollector.consume`, where
 :func:`resolve`, the one place deferred work runs, turns each window into a
 :class:`LayerStats` of ``(total, count)``.
@@ -82,16 +83,34 @@ def _saved_mean(node: Any, expected_shape: tuple[int, ...]) -> Tensor | None:
 
 class NormPart(NamedTuple):
     """One norm-layer call's total, kept as data until :func:`resolve`, which finishes every
-    such part of a window in one batch (:func:`functional.finish_norm_statistics`): ``s`` from
+    such part of a step in one batch (:func:`functional.finish_norm_statistics`): ``s`` from
     the call's bias gradient (``args = (grad_bias, batch)``) or ``h`` from the saved mean
     (``args = (mean, x_shape, per_mean)``)."""
 
     from_bias_grad: bool
     args: tuple[Any, ...]
 
+    def group(self) -> tuple[Any, ...]:
+        t = self.args[0]
+        return (t.device, fn.stats_dtype(t.dtype))
 
-Part = Tensor | Callable[[], Tensor] | NormPart
-"""One call's total: a tensor, a function that finishes it, or a norm part (see :func:`resolve`)."""
+    @staticmethod
+    def finish(parts: list[NormPart]) -> list[Tensor]:
+        s, h = fn.finish_norm_statistics(
+            [part.args for part in parts if part.from_bias_grad],
+            [part.args for part in parts if not part.from_bias_grad],
+        )
+        s_iter, h_iter = iter(s), iter(h)
+        return [next(s_iter) if part.from_bias_grad else next(h_iter) for part in parts]
+
+
+BATCHED = (NormPart, fn.WithEntry, fn.ColumnSum, fn.WindowSums)
+"""Parts left as data, finished by :func:`resolve` with every part of their kind and
+``group()`` in one batch (``finish``): a handful of kernels per step instead of some per call."""
+
+Part = Tensor | Callable[[], Tensor] | NormPart | fn.WithEntry | fn.ColumnSum | fn.WindowSums
+"""One call's total: a tensor, a function that finishes it, or a part of a :data:`BATCHED`
+kind (see :func:`resolve`)."""
 
 
 class LayerStats(NamedTuple):
@@ -135,26 +154,21 @@ class Window:
 
 def resolve(windows: dict[str, Window]) -> dict[str, LayerStats]:
     """Turn every layer's window into ``(total, count)`` tensors: the one place where deferred
-    work runs. The norm parts of all layers are finished together, per device and dtype (a
-    handful of kernels for the whole model instead of a few per call); the functions a hook
-    left run back to back; a layer's calls are summed in call order."""
-    finished: dict[tuple[str, int, int], Tensor] = {}
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[tuple[str, int, int], NormPart]]] = {}
+    work runs. The parts of each :data:`BATCHED` kind (norm parts, ones-column entries, sums
+    over the batch, conv window sums) of all layers are finished together, per group (device,
+    dtype, ...): a handful of kernels for the whole model instead of a few per call. The
+    functions a hook left run back to back; a layer's calls are summed in call order."""
+    groups: dict[tuple[Any, ...], list[tuple[tuple[str, int, int], Any]]] = {}
     for name, window in windows.items():
         for side, parts in enumerate((window.h, window.s)):
             for i, part in enumerate(parts):
-                if isinstance(part, NormPart):
-                    t = part.args[0]
-                    groups.setdefault((t.device, fn.stats_dtype(t.dtype)), []).append(((name, side, i), part))
+                if isinstance(part, BATCHED):
+                    groups.setdefault((type(part), *part.group()), []).append(((name, side, i), part))
+    finished: dict[tuple[str, int, int], Tensor] = {}
     with torch.no_grad():
-        for items in groups.values():
-            s, h = fn.finish_norm_statistics(
-                [part.args for _, part in items if part.from_bias_grad],
-                [part.args for _, part in items if not part.from_bias_grad],
-            )
-            s_iter, h_iter = iter(s), iter(h)
-            for key, part in items:
-                finished[key] = next(s_iter) if part.from_bias_grad else next(h_iter)
+        for (kind, *_), items in groups.items():
+            done = kind.finish([part for _, part in items])
+            finished.update((key, total) for (key, _), total in zip(items, done))
         out: dict[str, LayerStats] = {}
         for name, window in windows.items():
             totals: list[Tensor | None] = []
@@ -162,7 +176,7 @@ def resolve(windows: dict[str, Window]) -> dict[str, LayerStats]:
                 total: Tensor | None = None
                 for i, part in enumerate(parts):
                     value = (
-                        finished[(name, side, i)] if isinstance(part, NormPart)
+                        finished[(name, side, i)] if isinstance(part, BATCHED)
                         else part() if callable(part) else part
                     )
                     total = value if total is None else total + value
@@ -292,7 +306,7 @@ class StatisticsCollector:
         sides = layer.eigen_sides
         with torch.no_grad():  # cheaper than a dispatched .detach() (create_graph backward)
             if sides is None:
-                total, count = layer.helper.output_stats(layer.module, g, self.variant)
+                total, count = layer.helper.output_stats_in_hook(layer.module, g, self.variant)
             elif sides[1]:
                 total, count = layer.helper.output_cov(layer.module, g)
             else:

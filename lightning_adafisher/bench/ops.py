@@ -56,23 +56,25 @@ def count_ops(fn: Callable[[], Any]) -> OpCounter:
 @contextlib.contextmanager
 def cuda_code_path(optimizers: list[Any]) -> Iterator[None]:
     """Run AdaFisher's CUDA code path on any device, for counting: the multi-tensor (``foreach``)
-    update, the deferred read of the non-finite-statistics flags, and no CPU-only
-    no-temporary square sums (a per-sample loop that trades ops for memory on CPU)."""
+    update, the deferred read of the non-finite-statistics flags, and no CPU-only tuning
+    (no-temporary square sums, a per-sample loop that trades ops for memory; square-and-sum
+    instead of dot products for small maps)."""
     from lightning_adafisher import functional
     from lightning_adafisher.optim import AdaFisher
 
     ours = [opt for opt in optimizers if isinstance(opt, AdaFisher)]
     saved = [([group["foreach"] for group in opt.param_groups], opt.defer_skip_check) for opt in ours]
-    without_temporary = functional._without_temporary
+    without_temporary, on_cpu = functional._without_temporary, functional._on_cpu
     try:
         functional._without_temporary = lambda t: False
+        functional._on_cpu = lambda t: False
         for opt in ours:
             for group in opt.param_groups:
                 group["foreach"] = True
             opt.defer_skip_check = True
         yield
     finally:
-        functional._without_temporary = without_temporary
+        functional._without_temporary, functional._on_cpu = without_temporary, on_cpu
         for opt, (foreach, defer) in zip(ours, saved):
             for group, value in zip(opt.param_groups, foreach):
                 group["foreach"] = value

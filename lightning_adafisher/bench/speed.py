@@ -157,7 +157,8 @@ def speed(
     loss, fused AdamW baseline). ``only``: time just these optimizers (the baseline is always
     timed, first). ``count_ops``: after the timed rounds, also count the compute ops each
     optimizer's train step dispatches over ``OPS_STEPS`` steps, on the code path CUDA runs
-    (:mod:`lightning_adafisher.bench.ops`): a GPU's launch count, measurable on any machine.
+    (:mod:`lightning_adafisher.bench.ops`), after one uncounted step on it: a GPU's launch
+    count in steady state, measurable on any machine.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -261,6 +262,7 @@ def speed(
             try:
                 with warnings.catch_warnings(), cuda_code_path([opt]):
                     warnings.simplefilter("ignore")
+                    step()  # not counted: fills that code path's caches (layouts, constants)
                     ops[name] = [bench_ops.count_ops(step).total for _ in range(OPS_STEPS)]
             except Exception as error:  # noqa: BLE001 - a peer that cannot run under a dispatch mode
                 if name not in peer_names:
