@@ -33,14 +33,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(out: Path, *args: str) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
-    run = subprocess.run(
-        [str(torchrun), "--nproc-per-node=2", f"--master-port={_free_port()}",
-         str(ROOT / "tests/scripts/fsdp_train.py"), str(out), *args],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    for attempt in range(2):
+        run = subprocess.run(
+            [str(torchrun), "--nproc-per-node=2", f"--master-port={_free_port()}",
+             str(ROOT / "tests/scripts/fsdp_train.py"), str(out), *args],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        # Rarely (1 CI run in many) a gloo worker thread aborts the process at start-up or
+        # teardown ("terminate called without an active exception", SIGABRT), outside this
+        # project's code: run the whole job once more; every number is still checked.
+        if run.returncode == 0 or GLOO_ABORT not in run.stderr:
+            break
     assert run.returncode == 0, run.stderr[-3000:]
 
 

@@ -110,6 +110,7 @@ def main() -> None:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "error.txt"), "w") as f:
                 f.write(str(err))
+        dist.barrier()
         dist.destroy_process_group()
         return
     opt.statistics_reducer = fsdp.statistics_reducer(opt)
@@ -126,6 +127,7 @@ def main() -> None:
     if reads is not None:
         with open(os.path.join(args.out, f"reads{rank}.json"), "w") as f:
             json.dump(reads, f)
+    dist.barrier()  # no rank tears gloo down while the other still has work in flight
     dist.destroy_process_group()
 
 
