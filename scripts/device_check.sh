@@ -13,6 +13,8 @@
 #   4. summary.txt: every part's exit status and seconds, the test counts, the ratio columns
 # $OUT ends up with at most 8 files (the lent GPU machines return no more): summary.txt,
 # test_cuda.xml, one JSON per benchmark, logs.tar.gz (every part's full log).
+# PARTS (default: all) picks parts by name, e.g. PARTS="tests cifar_resnet18_b32 gpt_b32x256";
+# PEERS=0 leaves the second-order peers out of the CIFAR benchmark (a shorter run).
 # Python: $PY, else .venv/bin/python, else a python3 that imports torch (an offline GPU image),
 # else scripts/setup-venv.sh. The package is imported from this checkout (PYTHONPATH).
 set -uo pipefail
@@ -33,9 +35,12 @@ STATUS=$LOGS/status.tsv
 : >"$STATUS"
 
 # part NAME SECONDS CMD...: run CMD under `timeout`, log to $LOGS/NAME.log, record rc and seconds.
+PARTS=${PARTS:-all}
+PEERS=${PEERS:-1}
 part() {
   local name=$1 limit=$2 start rc
   shift 2
+  if [ "$PARTS" != all ] && [ "$name" != device ] && [[ " $PARTS " != *" $name "* ]]; then return; fi
   start=$(date +%s)
   echo "== $name (limit ${limit}s): $*"
   timeout --kill-after=15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
@@ -70,6 +75,7 @@ part device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")'"
 part tests "$TESTS_S" env ADAFISHER_TEST_DEVICE="$DEVICE" "$PY" -m pytest -m cuda tests/test_cuda.py -q \
   -p no:cacheprovider --junitxml="$OUT/test_cuda.xml"
+[ "$PEERS" = 1 ] || CIFAR+=(--no-peers)
 part cifar_resnet18_b32 "$CIFAR_S" "${BENCH[@]}" "${CIFAR[@]}" --out "$OUT/cifar_resnet18_b32.json"
 part resnet18_b128 "$R18_S" "${BENCH[@]}" "${R18[@]}" --no-peers --out "$OUT/resnet18_b128.json"
 part resnet50_b256 "$R50_S" "${BENCH[@]}" "${R50[@]}" --no-peers --out "$OUT/resnet50_b256.json"
