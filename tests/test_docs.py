@@ -90,3 +90,13 @@ def test_docs_have_an_index_that_links_every_page():
     for page in (ROOT / "docs").glob("*.md"):
         if page.name != "index.md":
             assert f"]({page.name}" in index, page.name
+
+
+def test_every_module_compiles_without_warnings():
+    """An invalid escape in a docstring is a SyntaxWarning today and an error in a later Python."""
+    import warnings
+
+    for path in sorted((ROOT / "lightning_adafisher").rglob("*.py")) + sorted((ROOT / "examples").rglob("*.py")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(), str(path), "exec")

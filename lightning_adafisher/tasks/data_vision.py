@@ -6,7 +6,7 @@ Nothing here downloads. Each module checks its files in ``prepare_data`` and aga
 from where, and the exact path it is expected at — before torchvision is called, so a missing
 dataset is one readable message instead of a deep stack trace.
 
-Training loaders are :class:`~lightning_adafisher.tasks.data_common.ResumableDataLoader`\ s: epoch
+Training loaders are :class:`~lightning_adafisher.tasks.data_common.ResumableDataLoader`: epoch
 ``e``'s order is a function of ``(seed, e)`` and a Lightning checkpoint written mid-epoch resumes
 at the next batch (random augmentations draw from torch's global RNG, which is not checkpointed).
 
