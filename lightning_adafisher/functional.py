@@ -892,7 +892,8 @@ def adafisher_update(
         [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs,  # type: ignore[misc]
     )
     chunked = [] if fused_ok or not foreach else [i for i in kron if params[i].numel() <= UPDATE_BLOCK]
-    blocked = [] if fused_ok else [i for i in kron if i not in set(chunked)]
+    in_chunks = set(chunked)
+    blocked = [] if fused_ok else [i for i in kron if i not in in_chunks]
     done = set(kron)
     plain = [i for i in range(len(params)) if i not in done]
     # The multi-tensor paths' moments (and decay) need no F: one set of kernels for them all.
@@ -1036,9 +1037,15 @@ def _chunks(indices: list[int], params: list[Tensor], kron: Sequence[Any]) -> li
     elements in all (every parameter here is at most that large), ordered so that parameters
     whose ``F`` is built together (:func:`_kron_denominators`: same width, same damping) are
     neighbours."""
+    names: dict[tuple[torch.device, torch.dtype], tuple[str, str]] = {}
+
     def key(i: int) -> tuple[Any, ...]:
         p = params[i]
-        return (str(p.device), str(p.dtype), kron[i].cols.numel(), kron[i].damping)
+        where = (p.device, p.dtype)
+        name = names.get(where)
+        if name is None:  # str() of a device or dtype costs a µs: once per pair, not per parameter
+            name = names[where] = (str(p.device), str(p.dtype))
+        return (*name, kron[i].cols.numel(), kron[i].damping)
 
     chunks: list[list[int]] = []
     filled, device_dtype = 0, None

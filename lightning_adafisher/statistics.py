@@ -198,9 +198,10 @@ class BoundLayer:
     """``variant="eigen"`` only: whether the input (``h``) and output (``s``) sides keep a full
     factor (a side above the size limit keeps the identity and gathers nothing)."""
 
-    @property
+    @functools.cached_property
     def primary(self) -> nn.Parameter:
-        """The parameter whose optimizer state holds the layer's factors."""
+        """The parameter whose optimizer state holds the layer's factors (read on every step:
+        found once; :attr:`params` is fixed once the layer is bound)."""
         return next(iter(self.params.values()))
 
     @property
@@ -266,7 +267,10 @@ class StatisticsCollector:
     # ----------------------------------------------------------------------------------------
 
     def _window(self, name: str) -> Window:
-        return self.pending.setdefault(name, Window())
+        window = self.pending.get(name)
+        if window is None:  # not setdefault: that would build a Window on every call
+            window = self.pending[name] = Window()
+        return window
 
     def _counts(self, name: str) -> bool:
         """Whether this call counts: a forward inside backward is an activation-checkpoint
