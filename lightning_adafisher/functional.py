@@ -1065,10 +1065,68 @@ def _row_owners(rows: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(device)
 
 
+class _Run(NamedTuple):
+    """Consecutive parameters ``start:stop`` of one width and damping in a chunk, and where
+    their ``F`` goes: ``f`` (``[Σ rows, width]``) and one view of it per parameter."""
+
+    start: int
+    stop: int
+    width: int
+    damping: float
+    rows: tuple[int, ...]
+    f: Tensor
+    views: tuple[Tensor, ...]
+
+
+_scratch_layouts: dict[tuple[int, tuple[Any, ...]], list[_Run]] = {}
+"""Per live scratch buffer (by id, dropped when the buffer is freed) and chunk layout, the
+views :func:`_kron_denominators` writes into: a chunk's views are the same every step, and
+making them costs two or three dispatched view ops per parameter."""
+
+
+def _runs(params: list[Tensor], kron: list[KronFactors], scratch: Tensor, cache: bool) -> list[_Run]:
+    """The runs of a chunk (:func:`_kron_denominators`) laid out in ``scratch``; with
+    ``cache`` (a scratch buffer its owner keeps), made once per buffer and layout."""
+    layout = tuple((p.shape, k.cols.numel(), k.damping) for p, k in zip(params, kron))
+    key = (id(scratch), layout)
+    found = _scratch_layouts.get(key) if cache else None
+    if found is not None:
+        return found
+    # Views of a detached alias: a view keeps its base alive, and the cache must not keep the
+    # buffer itself, whose end drops the entry (the alias shares its memory, freed with it).
+    source = scratch.detach() if cache else scratch
+    runs: list[_Run] = []
+    offset, start = 0, 0
+    while start < len(params):
+        _, width, damping = layout[start]
+        stop = start + 1
+        while stop < len(params) and layout[stop][1:] == (width, damping):
+            stop += 1
+        rows = tuple(params[i].numel() // width for i in range(start, stop))
+        f = source[offset : offset + sum(rows) * width].view(-1, width)
+        views = tuple(
+            piece.view(params[i].shape) for i, piece in zip(range(start, stop), f.split(rows))
+        )
+        runs.append(_Run(start, stop, width, damping, rows, f, views))
+        offset += sum(rows) * width
+        start = stop
+    if cache:
+        if not any(k[0] == key[0] for k in _scratch_layouts):  # first layout of this buffer
+            weakref.finalize(scratch, _forget_scratch, key[0])
+        _scratch_layouts[key] = runs
+    return runs
+
+
+def _forget_scratch(scratch_id: int) -> None:
+    for key in [k for k in _scratch_layouts if k[0] == scratch_id]:
+        del _scratch_layouts[key]
+
+
 def _kron_denominators(
-    params: list[Tensor], kron: list[KronFactors], scratch: Tensor
+    params: list[Tensor], kron: list[KronFactors], scratch: Tensor, cache: bool = False
 ) -> list[Tensor]:
-    """Every ``F = rows⊗cols + λ`` of ``params`` written into consecutive views of ``scratch``.
+    """Every ``F = rows⊗cols + λ`` of ``params`` written into consecutive views of ``scratch``
+    (with ``cache``, views made once per buffer and layout: :func:`_runs`).
 
     Parameters of one width (``len(cols)``) and damping, neighbours in the list, share their
     ``F``'s kernels: their cols and rows are concatenated, each row's cols gathered into the
@@ -1077,33 +1135,19 @@ def _kron_denominators(
     in :meth:`KronFactors.materialise`, so the numbers are the same bits.
     """
     denominators: list[Tensor] = []
-    offset, start = 0, 0
-    while start < len(params):
-        width, damping = kron[start].cols.numel(), kron[start].damping
-        stop = start + 1
-        while stop < len(params) and kron[stop].cols.numel() == width and kron[stop].damping == damping:
-            stop += 1
-        p0 = params[start]
-        rows = [params[i].numel() // width for i in range(start, stop)]
-        f = scratch[offset : offset + sum(rows) * width].view(-1, width)
-        row_factors = [
-            k.rows.expand(n) if k.rows.numel() == 1 else k.rows
-            for k, n in zip(kron[start:stop], rows)
-        ]
+    for start, stop, width, damping, rows, f, views in _runs(params, kron, scratch, cache):
+        dtype = params[start].dtype
+        members = kron[start:stop]
+        row_factors = [k.rows.expand(n) if k.rows.numel() == 1 else k.rows for k, n in zip(members, rows)]
         if stop - start == 1:
-            torch.mul(row_factors[0].to(p0.dtype).unsqueeze(1), kron[start].cols.to(p0.dtype).unsqueeze(0), out=f)
+            torch.mul(row_factors[0].to(dtype).unsqueeze(1), members[0].cols.to(dtype).unsqueeze(0), out=f)
         else:
-            members = kron[start:stop]
-            both = torch.cat([k.cols for k in members] + row_factors).to(p0.dtype)
+            both = torch.cat([k.cols for k in members] + row_factors).to(dtype)
             cols, row_entries = both.split([width * len(members), sum(rows)])
-            torch.index_select(cols.view(-1, width), 0, _cached(_row_owners, tuple(rows), p0.device), out=f)
+            torch.index_select(cols.view(-1, width), 0, _cached(_row_owners, rows, f.device), out=f)
             f.mul_(row_entries.unsqueeze(1))
         f.add_(damping)
-        for i, n in zip(range(start, stop), rows):
-            denominators.append(f[: n].view(params[i].shape))
-            f = f[n:]
-        offset += sum(rows) * width
-        start = stop
+        denominators += views
     return denominators
 
 
@@ -1115,7 +1159,7 @@ def _chunked_multi_tensor_step(
     slice of the scratch buffer (:func:`_kron_denominators`: the numbers of
     :meth:`KronFactors.materialise`)."""
     scratch = workspace(sum(p.numel() for p in params), params[0].dtype, params[0].device)
-    denominators = _kron_denominators(params, kron, scratch)
+    denominators = _kron_denominators(params, kron, scratch, cache=workspace is not _fresh_workspace)
     _multi_tensor_step(params, exp_avgs, denominators, steps, lr=lr, beta=beta)  # type: ignore[arg-type]
 
 
