@@ -205,7 +205,7 @@ def append_entries(parts: Sequence[WithEntry]) -> list[Tensor]:
     concatenation for all of them instead of one pad each: views of one vector, in order."""
     like = parts[0].total
     pieces = [piece for part in parts for piece in (part.total, _cached(_entry, part.entry, like.dtype, like.device))]
-    return list(torch.cat(pieces).split([part.total.numel() + 1 for part in parts]))
+    return list(torch.cat(pieces).split_with_sizes([part.total.numel() + 1 for part in parts]))
 
 
 def linear_output_stats(g: Tensor) -> tuple[Tensor, float]:
@@ -402,7 +402,7 @@ def window_sums(parts: Sequence[WindowSums]) -> list[Tensor]:
     xs = first.xs if len(parts) == 1 else torch.cat([part.xs for part in parts])
     with _autocast_off():
         sums = torch.mm(xs, kernel)
-    totals = [t.reshape(-1) for t in sums.split([part.xs.shape[0] for part in parts])]
+    totals = [t.reshape(-1) for t in sums.split_with_sizes([part.xs.shape[0] for part in parts])]
     return [
         total if part.entry is None else F.pad(total, (0, 1), value=part.entry)
         for total, part in zip(totals, parts)
@@ -451,7 +451,7 @@ def sum_columns(parts: Sequence[ColumnSum]) -> list[Tensor]:
     if len(parts) == 1:
         return [parts[0].rows.sum(0)]
     summed = torch.cat([part.rows for part in parts], 1).sum(0)
-    return list(summed.split([part.rows.shape[1] for part in parts]))
+    return list(summed.split_with_sizes([part.rows.shape[1] for part in parts]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,7 +581,7 @@ def finish_norm_statistics(
     )
     s_totals: list[Tensor] = []
     if grads:
-        s_totals = list(torch.cat(grads).square_().div_(batches).split([g.numel() for g in grads]))
+        s_totals = list(torch.cat(grads).square_().div_(batches).split_with_sizes([g.numel() for g in grads]))
     h_totals: list[Tensor] = []
     if sums:
         squares = torch.cat(sums).square_()
@@ -657,7 +657,7 @@ class Segments:
         return hits.scatter_reduce_(0, self.ids, flags.to(torch.uint8), "amax").bool()
 
     def split(self, v: Tensor) -> tuple[Tensor, ...]:
-        return v.split(self.lengths)
+        return v.split_with_sizes(self.lengths)
 
 
 def min_max(v: Tensor, segments: Segments | None = None) -> Tensor:
@@ -1143,7 +1143,7 @@ def _kron_denominators(
             torch.mul(row_factors[0].to(dtype).unsqueeze(1), members[0].cols.to(dtype).unsqueeze(0), out=f)
         else:
             both = torch.cat([k.cols for k in members] + row_factors).to(dtype)
-            cols, row_entries = both.split([width * len(members), sum(rows)])
+            cols, row_entries = both.split_with_sizes([width * len(members), sum(rows)])
             torch.index_select(cols.view(-1, width), 0, _cached(_row_owners, rows, f.device), out=f)
             f.mul_(row_entries.unsqueeze(1))
         f.add_(damping)
