@@ -1138,7 +1138,9 @@ def _kron_denominators(
     for start, stop, width, damping, rows, f, views in _runs(params, kron, scratch, cache):
         dtype = params[start].dtype
         members = kron[start:stop]
-        row_factors = [k.rows.expand(n) if k.rows.numel() == 1 else k.rows for k, n in zip(members, rows)]
+        # A one-entry rows (a norm layer's) broadcast over the parameter's rows; a norm
+        # layer's parameter is one row, where that expand would be a dispatched no-op.
+        row_factors = [k.rows if k.rows.numel() == n else k.rows.expand(n) for k, n in zip(members, rows)]
         if stop - start == 1:
             torch.mul(row_factors[0].to(dtype).unsqueeze(1), members[0].cols.to(dtype).unsqueeze(0), out=f)
         else:

@@ -807,20 +807,23 @@ class AdaFisher(EigenbasisSteps, Optimizer):
 
     def _update_group(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, steps = [], [], [], []
+        maximize, all_state = group["maximize"], self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("AdaFisher does not support sparse gradients")
-            state = self.state[p]
-            if STEP not in state:
-                state[STEP] = 0
+            state = all_state[p]
+            t = state.get(STEP)
+            if t is None:
+                t = 0
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state[STEP] += 1
+            state[STEP] = t = t + 1
             params.append(p)
-            grads.append(torch.neg(p.grad) if group["maximize"] else p.grad)
+            grads.append(torch.neg(grad) if maximize else grad)
             exp_avgs.append(state[EXP_AVG])
-            steps.append(state[STEP])
+            steps.append(t)
         foreach = group["foreach"]
         if foreach is None:
             foreach = bool(params) and all(p.is_cuda for p in params)
