@@ -24,7 +24,7 @@ import contextlib
 import functools
 import math
 import weakref
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -1012,24 +1012,35 @@ def _blocked_kron_update(
     cols = kron.cols.numel()
     rows = p.numel() // cols
     p2, g2, m2 = p.view(rows, cols), g.reshape(rows, cols), m.view(rows, cols)
-    r_all = kron.rows.to(p.dtype)
-    c_all = kron.cols.to(p.dtype).unsqueeze(0)
+    r_all = kron.rows if kron.rows.dtype == p.dtype else kron.rows.to(p.dtype)
+    c_all = (kron.cols if kron.cols.dtype == p.dtype else kron.cols.to(p.dtype)).unsqueeze(0)
     step_size = lr / (1.0 - beta**t)
     block_rows = max(1, min(rows, UPDATE_BLOCK // cols))
     scratch = workspace(block_rows * cols, p.dtype, p.device)
-    r_block = r_all.expand(rows) if r_all.numel() == 1 else r_all
-    for r0 in range(0, rows, block_rows):
-        r1 = min(rows, r0 + block_rows)
-        pb, gb, mb = p2[r0:r1], g2[r0:r1], m2[r0:r1]
+    r_block = r_all if r_all.numel() == rows else r_all.expand(rows)
+    for pb, gb, mb, rb in _row_blocks(block_rows, p2, g2, m2, r_block):
         if weight_decay != 0.0 and not decoupled:
             gb = gb.add(pb, alpha=weight_decay)
         mb.lerp_(gb, 1.0 - beta)
         if weight_decay != 0.0 and decoupled:
             pb.mul_(1.0 - lr * weight_decay)
-        denom = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
-        torch.mul(r_block[r0:r1].unsqueeze(1), c_all, out=denom)
+        n = pb.shape[0]
+        denom = scratch[: n * cols].view(n, cols)
+        torch.mul(rb.unsqueeze(1), c_all, out=denom)
         denom.add_(kron.damping)
         pb.addcdiv_(mb, denom, value=-step_size)
+
+
+def _row_blocks(block_rows: int, *tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """The tensors (same first dim) cut into blocks of ``block_rows`` rows; when one block
+    holds them all (the usual case), the tensors themselves, without dispatching a slice each
+    (host time: docs/performance.md)."""
+    rows = tensors[0].shape[0]
+    if block_rows >= rows:
+        yield tensors
+        return
+    for r0 in range(0, rows, block_rows):
+        yield tuple(t[r0 : r0 + block_rows] for t in tensors)
 
 
 def _chunks(indices: list[int], params: list[Tensor], kron: Sequence[Any]) -> list[list[int]]:
