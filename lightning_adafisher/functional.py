@@ -24,7 +24,7 @@ import contextlib
 import functools
 import math
 import weakref
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +205,7 @@ def append_entries(parts: Sequence[WithEntry]) -> list[Tensor]:
     concatenation for all of them instead of one pad each: views of one vector, in order."""
     like = parts[0].total
     pieces = [piece for part in parts for piece in (part.total, _cached(_entry, part.entry, like.dtype, like.device))]
-    return list(torch.cat(pieces).split([part.total.numel() + 1 for part in parts]))
+    return list(torch.cat(pieces).split_with_sizes([part.total.numel() + 1 for part in parts]))
 
 
 def linear_output_stats(g: Tensor) -> tuple[Tensor, float]:
@@ -402,7 +402,7 @@ def window_sums(parts: Sequence[WindowSums]) -> list[Tensor]:
     xs = first.xs if len(parts) == 1 else torch.cat([part.xs for part in parts])
     with _autocast_off():
         sums = torch.mm(xs, kernel)
-    totals = [t.reshape(-1) for t in sums.split([part.xs.shape[0] for part in parts])]
+    totals = [t.reshape(-1) for t in sums.split_with_sizes([part.xs.shape[0] for part in parts])]
     return [
         total if part.entry is None else F.pad(total, (0, 1), value=part.entry)
         for total, part in zip(totals, parts)
@@ -451,7 +451,7 @@ def sum_columns(parts: Sequence[ColumnSum]) -> list[Tensor]:
     if len(parts) == 1:
         return [parts[0].rows.sum(0)]
     summed = torch.cat([part.rows for part in parts], 1).sum(0)
-    return list(summed.split([part.rows.shape[1] for part in parts]))
+    return list(summed.split_with_sizes([part.rows.shape[1] for part in parts]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,7 +581,7 @@ def finish_norm_statistics(
     )
     s_totals: list[Tensor] = []
     if grads:
-        s_totals = list(torch.cat(grads).square_().div_(batches).split([g.numel() for g in grads]))
+        s_totals = list(torch.cat(grads).square_().div_(batches).split_with_sizes([g.numel() for g in grads]))
     h_totals: list[Tensor] = []
     if sums:
         squares = torch.cat(sums).square_()
@@ -657,7 +657,7 @@ class Segments:
         return hits.scatter_reduce_(0, self.ids, flags.to(torch.uint8), "amax").bool()
 
     def split(self, v: Tensor) -> tuple[Tensor, ...]:
-        return v.split(self.lengths)
+        return v.split_with_sizes(self.lengths)
 
 
 def min_max(v: Tensor, segments: Segments | None = None) -> Tensor:
@@ -892,7 +892,8 @@ def adafisher_update(
         [denominators[i] for i in kron], [steps[i] for i in kron], **kwargs,  # type: ignore[misc]
     )
     chunked = [] if fused_ok or not foreach else [i for i in kron if params[i].numel() <= UPDATE_BLOCK]
-    blocked = [] if fused_ok else [i for i in kron if i not in set(chunked)]
+    in_chunks = set(chunked)
+    blocked = [] if fused_ok else [i for i in kron if i not in in_chunks]
     done = set(kron)
     plain = [i for i in range(len(params)) if i not in done]
     # The multi-tensor paths' moments (and decay) need no F: one set of kernels for them all.
@@ -1011,24 +1012,35 @@ def _blocked_kron_update(
     cols = kron.cols.numel()
     rows = p.numel() // cols
     p2, g2, m2 = p.view(rows, cols), g.reshape(rows, cols), m.view(rows, cols)
-    r_all = kron.rows.to(p.dtype)
-    c_all = kron.cols.to(p.dtype).unsqueeze(0)
+    r_all = kron.rows if kron.rows.dtype == p.dtype else kron.rows.to(p.dtype)
+    c_all = (kron.cols if kron.cols.dtype == p.dtype else kron.cols.to(p.dtype)).unsqueeze(0)
     step_size = lr / (1.0 - beta**t)
     block_rows = max(1, min(rows, UPDATE_BLOCK // cols))
     scratch = workspace(block_rows * cols, p.dtype, p.device)
-    r_block = r_all.expand(rows) if r_all.numel() == 1 else r_all
-    for r0 in range(0, rows, block_rows):
-        r1 = min(rows, r0 + block_rows)
-        pb, gb, mb = p2[r0:r1], g2[r0:r1], m2[r0:r1]
+    r_block = r_all if r_all.numel() == rows else r_all.expand(rows)
+    for pb, gb, mb, rb in _row_blocks(block_rows, p2, g2, m2, r_block):
         if weight_decay != 0.0 and not decoupled:
             gb = gb.add(pb, alpha=weight_decay)
         mb.lerp_(gb, 1.0 - beta)
         if weight_decay != 0.0 and decoupled:
             pb.mul_(1.0 - lr * weight_decay)
-        denom = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
-        torch.mul(r_block[r0:r1].unsqueeze(1), c_all, out=denom)
+        n = pb.shape[0]
+        denom = scratch[: n * cols].view(n, cols)
+        torch.mul(rb.unsqueeze(1), c_all, out=denom)
         denom.add_(kron.damping)
         pb.addcdiv_(mb, denom, value=-step_size)
+
+
+def _row_blocks(block_rows: int, *tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """The tensors (same first dim) cut into blocks of ``block_rows`` rows; when one block
+    holds them all (the usual case), the tensors themselves, without dispatching a slice each
+    (host time: docs/performance.md)."""
+    rows = tensors[0].shape[0]
+    if block_rows >= rows:
+        yield tensors
+        return
+    for r0 in range(0, rows, block_rows):
+        yield tuple(t[r0 : r0 + block_rows] for t in tensors)
 
 
 def _chunks(indices: list[int], params: list[Tensor], kron: Sequence[Any]) -> list[list[int]]:
@@ -1036,9 +1048,15 @@ def _chunks(indices: list[int], params: list[Tensor], kron: Sequence[Any]) -> li
     elements in all (every parameter here is at most that large), ordered so that parameters
     whose ``F`` is built together (:func:`_kron_denominators`: same width, same damping) are
     neighbours."""
+    names: dict[tuple[torch.device, torch.dtype], tuple[str, str]] = {}
+
     def key(i: int) -> tuple[Any, ...]:
         p = params[i]
-        return (str(p.device), str(p.dtype), kron[i].cols.numel(), kron[i].damping)
+        where = (p.device, p.dtype)
+        name = names.get(where)
+        if name is None:  # str() of a device or dtype costs a µs: once per pair, not per parameter
+            name = names[where] = (str(p.device), str(p.dtype))
+        return (*name, kron[i].cols.numel(), kron[i].damping)
 
     chunks: list[list[int]] = []
     filled, device_dtype = 0, None
@@ -1058,10 +1076,68 @@ def _row_owners(rows: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)).to(device)
 
 
+class _Run(NamedTuple):
+    """Consecutive parameters ``start:stop`` of one width and damping in a chunk, and where
+    their ``F`` goes: ``f`` (``[Σ rows, width]``) and one view of it per parameter."""
+
+    start: int
+    stop: int
+    width: int
+    damping: float
+    rows: tuple[int, ...]
+    f: Tensor
+    views: tuple[Tensor, ...]
+
+
+_scratch_layouts: dict[tuple[int, tuple[Any, ...]], list[_Run]] = {}
+"""Per live scratch buffer (by id, dropped when the buffer is freed) and chunk layout, the
+views :func:`_kron_denominators` writes into: a chunk's views are the same every step, and
+making them costs two or three dispatched view ops per parameter."""
+
+
+def _runs(params: list[Tensor], kron: list[KronFactors], scratch: Tensor, cache: bool) -> list[_Run]:
+    """The runs of a chunk (:func:`_kron_denominators`) laid out in ``scratch``; with
+    ``cache`` (a scratch buffer its owner keeps), made once per buffer and layout."""
+    layout = tuple((p.shape, k.cols.numel(), k.damping) for p, k in zip(params, kron))
+    key = (id(scratch), layout)
+    found = _scratch_layouts.get(key) if cache else None
+    if found is not None:
+        return found
+    # Views of a detached alias: a view keeps its base alive, and the cache must not keep the
+    # buffer itself, whose end drops the entry (the alias shares its memory, freed with it).
+    source = scratch.detach() if cache else scratch
+    runs: list[_Run] = []
+    offset, start = 0, 0
+    while start < len(params):
+        _, width, damping = layout[start]
+        stop = start + 1
+        while stop < len(params) and layout[stop][1:] == (width, damping):
+            stop += 1
+        rows = tuple(params[i].numel() // width for i in range(start, stop))
+        f = source[offset : offset + sum(rows) * width].view(-1, width)
+        views = tuple(
+            piece.view(params[i].shape) for i, piece in zip(range(start, stop), f.split(rows))
+        )
+        runs.append(_Run(start, stop, width, damping, rows, f, views))
+        offset += sum(rows) * width
+        start = stop
+    if cache:
+        if not any(k[0] == key[0] for k in _scratch_layouts):  # first layout of this buffer
+            weakref.finalize(scratch, _forget_scratch, key[0])
+        _scratch_layouts[key] = runs
+    return runs
+
+
+def _forget_scratch(scratch_id: int) -> None:
+    for key in [k for k in _scratch_layouts if k[0] == scratch_id]:
+        del _scratch_layouts[key]
+
+
 def _kron_denominators(
-    params: list[Tensor], kron: list[KronFactors], scratch: Tensor
+    params: list[Tensor], kron: list[KronFactors], scratch: Tensor, cache: bool = False
 ) -> list[Tensor]:
-    """Every ``F = rows⊗cols + λ`` of ``params`` written into consecutive views of ``scratch``.
+    """Every ``F = rows⊗cols + λ`` of ``params`` written into consecutive views of ``scratch``
+    (with ``cache``, views made once per buffer and layout: :func:`_runs`).
 
     Parameters of one width (``len(cols)``) and damping, neighbours in the list, share their
     ``F``'s kernels: their cols and rows are concatenated, each row's cols gathered into the
@@ -1070,33 +1146,21 @@ def _kron_denominators(
     in :meth:`KronFactors.materialise`, so the numbers are the same bits.
     """
     denominators: list[Tensor] = []
-    offset, start = 0, 0
-    while start < len(params):
-        width, damping = kron[start].cols.numel(), kron[start].damping
-        stop = start + 1
-        while stop < len(params) and kron[stop].cols.numel() == width and kron[stop].damping == damping:
-            stop += 1
-        p0 = params[start]
-        rows = [params[i].numel() // width for i in range(start, stop)]
-        f = scratch[offset : offset + sum(rows) * width].view(-1, width)
-        row_factors = [
-            k.rows.expand(n) if k.rows.numel() == 1 else k.rows
-            for k, n in zip(kron[start:stop], rows)
-        ]
+    for start, stop, width, damping, rows, f, views in _runs(params, kron, scratch, cache):
+        dtype = params[start].dtype
+        members = kron[start:stop]
+        # A one-entry rows (a norm layer's) broadcast over the parameter's rows; a norm
+        # layer's parameter is one row, where that expand would be a dispatched no-op.
+        row_factors = [k.rows if k.rows.numel() == n else k.rows.expand(n) for k, n in zip(members, rows)]
         if stop - start == 1:
-            torch.mul(row_factors[0].to(p0.dtype).unsqueeze(1), kron[start].cols.to(p0.dtype).unsqueeze(0), out=f)
+            torch.mul(row_factors[0].to(dtype).unsqueeze(1), members[0].cols.to(dtype).unsqueeze(0), out=f)
         else:
-            members = kron[start:stop]
-            both = torch.cat([k.cols for k in members] + row_factors).to(p0.dtype)
-            cols, row_entries = both.split([width * len(members), sum(rows)])
-            torch.index_select(cols.view(-1, width), 0, _cached(_row_owners, tuple(rows), p0.device), out=f)
+            both = torch.cat([k.cols for k in members] + row_factors).to(dtype)
+            cols, row_entries = both.split_with_sizes([width * len(members), sum(rows)])
+            torch.index_select(cols.view(-1, width), 0, _cached(_row_owners, rows, f.device), out=f)
             f.mul_(row_entries.unsqueeze(1))
         f.add_(damping)
-        for i, n in zip(range(start, stop), rows):
-            denominators.append(f[: n].view(params[i].shape))
-            f = f[n:]
-        offset += sum(rows) * width
-        start = stop
+        denominators += views
     return denominators
 
 
@@ -1108,7 +1172,7 @@ def _chunked_multi_tensor_step(
     slice of the scratch buffer (:func:`_kron_denominators`: the numbers of
     :meth:`KronFactors.materialise`)."""
     scratch = workspace(sum(p.numel() for p in params), params[0].dtype, params[0].device)
-    denominators = _kron_denominators(params, kron, scratch)
+    denominators = _kron_denominators(params, kron, scratch, cache=workspace is not _fresh_workspace)
     _multi_tensor_step(params, exp_avgs, denominators, steps, lr=lr, beta=beta)  # type: ignore[arg-type]
 
 

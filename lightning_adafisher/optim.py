@@ -269,6 +269,9 @@ class AdaFisher(EigenbasisSteps, Optimizer):
         self._gradient_factored = None  # eigen variant: found at the first step after (re)binding
         self._parameter_names: dict[int, str] = {}
         self._normalised: dict[int, tuple[Tensor, Tensor]] = {}
+        self._kron_factors: dict[int, tuple[tuple[Tensor, Tensor], tuple[BoundLayer, str], float, fn.KronFactors]] = {}
+        """Per parameter (by id): its ``F`` as last built, with the normalised factors, binding
+        and damping it was built from (reused while all three are the same objects/values)."""
         self._ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._layouts: dict[tuple[tuple[int, ...], torch.device], tuple[fn.Segments, fn.Segments]] = {}
         self._workspace: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -454,6 +457,7 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             self._collector.remove()
         self._collector = None
         self._binding = {}
+        self._kron_factors = {}
         self._gradient_factored = None
         self._workspace = {}
 
@@ -763,9 +767,12 @@ class AdaFisher(EigenbasisSteps, Optimizer):
     ) -> Tensor | float | fn.KronFactors:
         """``F`` of ``p``; the layer helper reads shapes off ``like`` (default ``p``; FSDP2: a
         meta tensor of the whole parameter's shape)."""
-        like = p if like is None else like
         bound = self._binding.get(id(p))
         factors = None if bound is None else self._normalised_factors(bound[0].primary)
+        cached = self._kron_factors.get(id(p)) if like is None else None
+        if cached is not None and cached[0] is factors and cached[1] is bound and cached[2] == damping:
+            return cached[3]  # the same factors as last step (no fold since)
+        like = p if like is None else like
         if bound is None or factors is None:
             # No supported layer (1 + λ, or 1 in the reference variant), or a supported layer
             # before its first statistics (1 + λ).
@@ -782,7 +789,10 @@ class AdaFisher(EigenbasisSteps, Optimizer):
             # F = rows⊗cols + λ, left unmaterialised: the update builds it block by block in a
             # small scratch buffer (or inline, when fused).
             rows, cols = layer.helper.kron_factors(layer.module, role, like, h_norm, s_norm)
-            return fn.KronFactors(rows, cols, damping)
+            kron = fn.KronFactors(rows, cols, damping)
+            if like is p:
+                self._kron_factors[id(p)] = (factors, bound, damping, kron)
+            return kron
         denom = layer.helper.denominator(layer.module, role, like, h_norm, s_norm, damping)
         return denom if denom.dtype == p.dtype else denom.to(p.dtype)
 
@@ -797,20 +807,23 @@ class AdaFisher(EigenbasisSteps, Optimizer):
 
     def _update_group(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, steps = [], [], [], []
+        maximize, all_state = group["maximize"], self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("AdaFisher does not support sparse gradients")
-            state = self.state[p]
-            if STEP not in state:
-                state[STEP] = 0
+            state = all_state[p]
+            t = state.get(STEP)
+            if t is None:
+                t = 0
                 state[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state[STEP] += 1
+            state[STEP] = t = t + 1
             params.append(p)
-            grads.append(torch.neg(p.grad) if group["maximize"] else p.grad)
+            grads.append(torch.neg(grad) if maximize else grad)
             exp_avgs.append(state[EXP_AVG])
-            steps.append(state[STEP])
+            steps.append(t)
         foreach = group["foreach"]
         if foreach is None:
             foreach = bool(params) and all(p.is_cuda for p in params)

@@ -158,31 +158,41 @@ def resolve(windows: dict[str, Window]) -> dict[str, LayerStats]:
     over the batch, conv window sums) of all layers are finished together, per group (device,
     dtype, ...): a handful of kernels for the whole model instead of a few per call. The
     functions a hook left run back to back; a layer's calls are summed in call order."""
-    groups: dict[tuple[Any, ...], list[tuple[tuple[str, int, int], Any]]] = {}
+    # Each side's parts are copied into a list whose batched entries are overwritten in place
+    # by their finished totals: no per-part keys to build and look up.
+    sides: list[tuple[str, Window, list[Any], list[Any]]] = []
+    groups: dict[tuple[Any, ...], tuple[list[list[Any]], list[int], list[Any]]] = {}
     for name, window in windows.items():
-        for side, parts in enumerate((window.h, window.s)):
-            for i, part in enumerate(parts):
+        h, s = list(window.h), list(window.s)
+        sides.append((name, window, h, s))
+        for values in (h, s):
+            for i, part in enumerate(values):
                 if isinstance(part, BATCHED):
-                    groups.setdefault((type(part), *part.group()), []).append(((name, side, i), part))
-    finished: dict[tuple[str, int, int], Tensor] = {}
+                    key = (type(part), *part.group())
+                    group = groups.get(key)
+                    if group is None:
+                        group = groups[key] = ([], [], [])
+                    group[0].append(values)
+                    group[1].append(i)
+                    group[2].append(part)
     with torch.no_grad():
-        for (kind, *_), items in groups.items():
-            done = kind.finish([part for _, part in items])
-            finished.update((key, total) for (key, _), total in zip(items, done))
+        for (kind, *_), (owners, slots, parts) in groups.items():
+            for values, i, total in zip(owners, slots, kind.finish(parts)):
+                values[i] = total
         out: dict[str, LayerStats] = {}
-        for name, window in windows.items():
-            totals: list[Tensor | None] = []
-            for side, parts in enumerate((window.h, window.s)):
-                total: Tensor | None = None
-                for i, part in enumerate(parts):
-                    value = (
-                        finished[(name, side, i)] if isinstance(part, BATCHED)
-                        else part() if callable(part) else part
-                    )
-                    total = value if total is None else total + value
-                totals.append(total)
-            out[name] = LayerStats(totals[0], window.h_count, totals[1], window.s_count)
+        for name, window, h, s in sides:
+            out[name] = LayerStats(_sum_parts(h), window.h_count, _sum_parts(s), window.s_count)
     return out
+
+
+def _sum_parts(values: list[Any]) -> Tensor | None:
+    """A layer side's calls summed in call order (batched parts already finished)."""
+    total: Tensor | None = None
+    for value in values:
+        if callable(value):
+            value = value()  # a function a hook left
+        total = value if total is None else total + value
+    return total
 
 
 @dataclass(eq=False)
@@ -198,9 +208,10 @@ class BoundLayer:
     """``variant="eigen"`` only: whether the input (``h``) and output (``s``) sides keep a full
     factor (a side above the size limit keeps the identity and gathers nothing)."""
 
-    @property
+    @functools.cached_property
     def primary(self) -> nn.Parameter:
-        """The parameter whose optimizer state holds the layer's factors."""
+        """The parameter whose optimizer state holds the layer's factors (read on every step:
+        found once; :attr:`params` is fixed once the layer is bound)."""
         return next(iter(self.params.values()))
 
     @property
@@ -266,7 +277,10 @@ class StatisticsCollector:
     # ----------------------------------------------------------------------------------------
 
     def _window(self, name: str) -> Window:
-        return self.pending.setdefault(name, Window())
+        window = self.pending.get(name)
+        if window is None:  # not setdefault: that would build a Window on every call
+            window = self.pending[name] = Window()
+        return window
 
     def _counts(self, name: str) -> bool:
         """Whether this call counts: a forward inside backward is an activation-checkpoint

@@ -392,6 +392,39 @@ def test_multi_tensor_update_bounds_f_by_chunks_with_the_single_tensor_numbers(m
     assert requested and max(requested) <= largest - 1
 
 
+def test_scratch_views_are_made_once_per_buffer_and_dropped_with_it():
+    """The multi-tensor update's views of the scratch buffer are cached per buffer and layout
+    (the same objects on the next step) and forgotten when the buffer is freed (detach)."""
+    from lightning_adafisher import functional as fn
+
+    model = make_mixed(dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(model, lr=1e-2, foreach=True, variant="paper")
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    seen = []
+    original = fn._kron_denominators
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append([id(t) for t in out])
+        return out
+
+    fn._kron_denominators = spy
+    try:
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        fn._kron_denominators = original
+    assert len(seen) == 3 and seen[0] and seen[0] == seen[1] == seen[2]
+    buffers = {id(t) for t in opt._workspace.values()}
+    assert {key[0] for key in fn._scratch_layouts} & buffers
+    opt.detach()  # frees the scratch buffer
+    assert not {key[0] for key in fn._scratch_layouts} & buffers
+
+
 def test_channels_last_weights_take_the_materialised_path_with_the_same_numbers():
     """A channels_last conv weight cannot be viewed as [out, in·kh·kw]: its F is materialised
     in the weight's own shape instead, and training matches the contiguous model."""
